@@ -1,0 +1,201 @@
+"""execute(plan, source, sink): run a plan one output file at a time, holding little in memory.
+
+For each output group (file) the sink asks for, the executor runs just the nodes that group
+needs, reading source tensors on demand and dropping every tensor once its one consumer ran.
+What stays alive between groups is only what a multi-output node made for a later group (say
+K and V of a QKV split, when they land in the next file). So peak memory follows the largest
+group, not the model.
+
+Lossy nodes are checked as they run: their inverse is applied and compared bit for bit; where
+it does not give the input back, the node's residual goes to the sidecar. Restoring nodes (the
+inverse of a lossy op) use their sidecar entry, after checking it still maps back to the tensor
+they got (a stale sidecar must never silently override an edited model).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from mapper.engine.cast import cast_checked
+from mapper.engine.plan import Node, Plan
+from mapper.engine.sidecar import Sidecar
+from mapper.errors import ConversionError, MapperError
+from mapper.ops import NeedsResidual, OpContext, all_bitwise_equal
+from mapper.tensors import Sink, Source, TensorMeta
+
+
+@dataclass
+class ExecutionReport:
+    """What happened: sizes, memory high-water mark, sidecar use."""
+
+    groups: int = 0
+    tensors: int = 0
+    bytes_written: int = 0
+    peak_live_bytes: int = 0
+    largest_group_bytes: int = 0
+    sidecar: Sidecar = field(default_factory=Sidecar)
+    restored: list[str] = field(default_factory=list)  # sidecar entries used to restore exactly
+    stale: list[str] = field(default_factory=list)  # entries that no longer fit the tensor: default used
+    defaults: list[str] = field(default_factory=list)  # restoring nodes that used their declared default
+
+
+def part_groups(count: int, part: tuple[int, int] | None) -> range:
+    """The contiguous block of group indices that part ``I`` of ``N`` (1-based I) converts."""
+    if part is None:
+        return range(count)
+    index, total = part
+    if not 1 <= index <= total:
+        raise MapperError(f"part {index}/{total} does not exist", hint="parts are numbered 1..N")
+    start = count * (index - 1) // total
+    stop = count * index // total
+    return range(start, stop)
+
+
+def target_manifest(plan: Plan, cast: torch.dtype | None) -> dict[str, TensorMeta]:
+    """The target keys as they will be written (after an optional dtype cast of float tensors)."""
+    return {
+        key: TensorMeta(meta.shape, cast) if cast is not None and meta.dtype.is_floating_point else meta
+        for key, meta in plan.target_manifest.items()
+    }
+
+
+def execute(
+    plan: Plan,
+    source: Source,
+    sink: Sink,
+    *,
+    sidecar: Sidecar | None = None,
+    average_replicas: bool = False,
+    cast: torch.dtype | None = None,
+    part: tuple[int, int] | None = None,
+    on_group: Callable[[int, int], None] | None = None,
+) -> ExecutionReport:
+    """Run ``plan`` reading from ``source`` and writing to ``sink`` (optionally only one part).
+
+    ``on_group(index, nbytes)`` is called after each group is handed to the sink (progress bars).
+    """
+    manifest = target_manifest(plan, cast)
+    groups = sink.groups(manifest)
+    _check_groups(groups, manifest)
+    selected = part_groups(len(groups), part)
+    group_of = {key: i for i, group in enumerate(groups) for key in group}
+    report = ExecutionReport(sidecar=Sidecar(rules=plan.ruleset.name, version=plan.ruleset.version))
+    sidecar = sidecar or Sidecar()
+
+    live: dict[int, torch.Tensor] = {}
+    live_bytes = 0
+
+    def hold(value_id: int, tensor: torch.Tensor) -> None:
+        nonlocal live_bytes
+        live[value_id] = tensor
+        live_bytes += tensor.nbytes
+
+    def release(value_id: int) -> torch.Tensor:
+        nonlocal live_bytes
+        tensor = live.pop(value_id)
+        live_bytes -= tensor.nbytes
+        return tensor
+
+    chosen = [groups[i] for i in selected]
+    # With no output at all (everything dropped), drops still run: their residuals matter.
+    work = list(zip(selected, chosen)) or [(None, [])]
+    steps = plan.schedule([g for _, g in work], orphans=selected.stop == len(groups))
+    for (index, group), nodes in zip(work, steps):
+        for node in nodes:
+            inputs = []
+            for value in node.inputs:
+                if value.producer is None:
+                    hold(value.id, source.get(value.key))
+                inputs.append(live[value.id])
+            report.peak_live_bytes = max(report.peak_live_bytes, live_bytes)
+            outputs = _run(node, inputs, plan, sidecar, report, average_replicas)
+            for value in node.inputs:
+                release(value.id)
+            del inputs
+            for value, tensor in zip(node.outputs, outputs):
+                if value.consumer is not None or group_of.get(value.key) in selected:
+                    hold(value.id, tensor)
+            report.peak_live_bytes = max(report.peak_live_bytes, live_bytes)
+        if index is None:
+            continue
+        tensors = {}
+        for key in group:
+            tensor = release(plan.targets[key].id)
+            tensors[key] = cast_checked(key, tensor, cast) if cast is not None else tensor
+        nbytes = sum(t.nbytes for t in tensors.values())
+        report.largest_group_bytes = max(report.largest_group_bytes, nbytes)
+        sink.write_group(index, tensors)
+        del tensors
+        report.groups += 1
+        report.tensors += len(group)
+        report.bytes_written += nbytes
+        if on_group is not None:
+            on_group(index, nbytes)
+    return report
+
+
+def _run(
+    node: Node, inputs: list[torch.Tensor], plan: Plan, sidecar: Sidecar, report: ExecutionReport,
+    average_replicas: bool,
+) -> list[torch.Tensor]:
+    op = node.op
+    keys = [v.key for v in node.inputs] or [v.key for v in node.outputs]
+    ctx = OpContext(plan.parameters, plan.ranges, average_replicas=average_replicas, keys=tuple(keys))
+    try:
+        residual = sidecar.get(node.reads_residual)
+        if residual is not None:
+            outputs = op.apply_with_residual(inputs, residual, ctx)
+            if all_bitwise_equal(op.inverse().apply(outputs, ctx), inputs):
+                report.restored.append(node.reads_residual or "")
+                return outputs
+            report.stale.append(node.reads_residual or "")
+            warnings.warn(
+                f"sidecar entry {node.reads_residual} no longer matches {', '.join(keys)} (the model was "
+                "edited?); using the rule's default inverse instead",
+                stacklevel=2,
+            )
+        outputs = op.apply(inputs, ctx)
+        if node.reads_residual:
+            report.defaults.append(node.reads_residual)
+        if op.lossy:
+            _keep_residual(node, inputs, outputs, ctx, report)
+        return outputs
+    except NeedsResidual as error:
+        raise ConversionError(
+            f"{error}; the sidecar has no entry {node.reads_residual!r}", where=", ".join(keys),
+            hint="convert with the sidecar the forward conversion wrote (mapper-sidecar.safetensors)",
+        ) from None
+    except MapperError:
+        raise
+    except (RuntimeError, ValueError, IndexError) as error:
+        raise ConversionError(
+            f"rule {node.rule_id} ({op.describe()}) failed: {error}", where=", ".join(keys),
+            hint="the tensors do not have the shapes the plan was compiled for; was the checkpoint "
+            "modified while converting?",
+        ) from None
+
+
+def _keep_residual(
+    node: Node, inputs: list[torch.Tensor], outputs: list[torch.Tensor], ctx: OpContext, report: ExecutionReport
+) -> None:
+    """Store what the inverse alone cannot restore (nothing, usually)."""
+    try:
+        exact = all_bitwise_equal(node.op.inverse().apply(outputs, ctx), inputs)
+    except NeedsResidual:
+        exact = False
+    if not exact:
+        assert node.writes_residual is not None
+        report.sidecar.entries[node.writes_residual] = node.op.residual(inputs, outputs)
+
+
+def _check_groups(groups: Sequence[Sequence[str]], manifest: dict) -> None:
+    flat = [k for g in groups for k in g]
+    if len(flat) != len(set(flat)) or set(flat) != set(manifest):
+        raise ConversionError(
+            "the writer's output groups do not cover the target keys exactly once",
+            hint="this is a bug in the writer; please report it",
+        )

@@ -1,0 +1,60 @@
+"""``affine``: ``y = x * scale + offset``, e.g. Transformer Engine's ``zero_centered_gamma``.
+
+TE can store a norm's gamma as ``gamma - 1``; HF wants gamma itself: ``affine: {offset: 1}``.
+The arithmetic runs in float64 and rounds once to the tensor's dtype. ``(w + 1) - 1`` is not
+always ``w`` in floating point, so the op is lossy: where the inverse does not give the input
+back bit for bit, the sidecar keeps the original and the round trip stays exact.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from pydantic import Field, field_validator, model_validator
+
+from mapper.ops.base import Op, OpContext, ShapeError, same_key_if_missing
+from mapper.tensors import TensorMeta
+
+
+class Affine(Op):
+    """``y = x * scale + offset`` (or, with ``invert``, ``y = (x - offset) / scale``)."""
+
+    name: ClassVar[str] = "affine"
+
+    from_: str = Field(alias="from", description="Key pattern of the input tensor.")
+    to: str = Field(None, description="Key pattern of the output (default: same key as `from`).")  # type: ignore[assignment]
+    scale: float = Field(1.0, description="Multiplier (not 0).")
+    offset: float = Field(0.0, description="Added after scaling.")
+    invert: bool = Field(False, description="Compute the inverse map (x - offset) / scale instead.")
+
+    default_to_from = model_validator(mode="before")(same_key_if_missing)
+
+    @field_validator("scale")
+    @classmethod
+    def _nonzero(cls, value: float) -> float:
+        if value == 0:
+            raise ValueError("scale must not be 0 (the op would not be invertible)")
+        return value
+
+    @property
+    def lossy(self) -> bool:
+        return True
+
+    def infer(self, inputs: list[TensorMeta], ctx: OpContext) -> list[TensorMeta]:
+        (meta,) = inputs
+        if not meta.dtype.is_floating_point:
+            raise ShapeError(f"affine needs a floating-point tensor, got {meta}")
+        return [meta]
+
+    def apply(self, inputs: list[torch.Tensor], ctx: OpContext) -> list[torch.Tensor]:
+        x = inputs[0]
+        wide = x.to(torch.float64)
+        y = (wide - self.offset) / self.scale if self.invert else wide * self.scale + self.offset
+        return [y.to(x.dtype)]
+
+    def inverse(self) -> Affine:
+        return Affine(
+            from_=self.to, to=self.from_, scale=self.scale, offset=self.offset,
+            invert=not self.invert, **self.common_fields(),
+        )

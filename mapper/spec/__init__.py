@@ -1,0 +1,36 @@
+"""The rule format: models (single source of truth), loading with precise errors, the schema."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mapper.errors import RuleFileError
+from mapper.resources import rules_dir
+from mapper.spec.loader import dump_rule_set, load_rule_file, load_rule_text
+from mapper.spec.models import RuleSet
+
+
+def builtin_rule_files() -> dict[str, Path]:
+    """Shipped rule sets by name (``rules/<name>.yaml``; fragments live in subfolders)."""
+    return {path.stem: path for path in sorted(rules_dir().glob("*.yaml"))}
+
+
+def load_rules(name_or_path: str | Path) -> RuleSet:
+    """A shipped rule set by name, or a rule file by path; includes resolved, checked."""
+    path = Path(name_or_path)
+    if path.suffix in {".yaml", ".yml", ".json"} or path.exists():
+        return load_rule_file(path)
+    builtin = builtin_rule_files()
+    if str(name_or_path) in builtin:
+        return load_rule_file(builtin[str(name_or_path)])
+    import difflib
+
+    close = difflib.get_close_matches(str(name_or_path), builtin, n=3)
+    raise RuleFileError(
+        f"no rule set named {str(name_or_path)!r} and no such file",
+        hint=(f"did you mean {', '.join(close)}? " if close else "")
+        + "`mapper rules list` shows the shipped rule sets",
+    )
+
+
+__all__ = ["RuleSet", "builtin_rule_files", "dump_rule_set", "load_rule_file", "load_rule_text", "load_rules"]

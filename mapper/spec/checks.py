@@ -1,0 +1,109 @@
+"""Checks a flat rule set must pass before it meets any checkpoint.
+
+The schema checks the shape of the data; these check its meaning: patterns parse, expressions
+use declared parameters, and placeholders flow so that every rule can be inverted (a
+placeholder on one side only would leave the inverse unable to rebuild a key).
+"""
+
+from __future__ import annotations
+
+from mapper.errors import RuleFileError
+from mapper.expressions import parse
+from mapper.ops import Op
+from mapper.patterns import Pattern
+from mapper.spec.models import RuleSet
+
+
+def check_rule_set(ruleset: RuleSet) -> None:
+    """Raise one RuleFileError listing every problem found, each with its rule's location."""
+    problems: list[str] = []
+    parameters = set(ruleset.parameters)
+
+    for name, parameter in ruleset.parameters.items():
+        if parameter.expr is not None:
+            unknown = parse(parameter.expr).names - parameters
+            if unknown:
+                problems.append(f"parameter {name!r}: expr uses undeclared {', '.join(sorted(unknown))}")
+    for name, spec in ruleset.ranged.items():
+        unknown = parse(str(spec)).names - parameters
+        if unknown:
+            problems.append(f"placeholder {name!r}: range uses undeclared {', '.join(sorted(unknown))}")
+
+    for index, op in enumerate(ruleset.ops):
+        for problem in _check_op(op, ruleset, parameters):
+            origin = ruleset.origin(op.id) or f"rule {index}"
+            problems.append(f"{origin} [{op.id}]: {problem}")
+
+    if problems:
+        shown = "\n".join(f"  - {p}" for p in problems)
+        raise RuleFileError(
+            f"rule set {ruleset.name!r} has {len(problems)} problem(s):\n{shown}",
+            hint="placeholders must appear on both sides of a rule (fuse/split: all but `over`); "
+            "every other name in a pattern or expression must be a declared parameter",
+        )
+
+
+def _check_op(op: Op, ruleset: RuleSet, parameters: set[str]) -> list[str]:
+    problems: list[str] = []
+    choices = ruleset.choices
+    try:
+        inputs = [Pattern(p, parameters, choices) for p in op.input_patterns()]
+        outputs = [Pattern(p, parameters, choices) for p in op.output_patterns()]
+    except RuleFileError as error:
+        return [error.message]
+
+    for expression in op.expressions() + ([op.when] if op.when else []):
+        try:
+            unknown = parse(expression).names - parameters
+        except RuleFileError as error:
+            problems.append(error.message)
+            continue
+        if unknown:
+            problems.append(f"expression {expression!r} uses undeclared {', '.join(sorted(unknown))}")
+
+    def same(patterns: list[Pattern], side: str) -> frozenset[str]:
+        sets = {p.placeholders for p in patterns}
+        if len(sets) > 1:
+            problems.append(f"the `{side}` patterns use different placeholders: {' / '.join(p.text for p in patterns)}")
+        return patterns[0].placeholders if patterns else frozenset()
+
+    used_in, used_out = same(inputs, "from"), same(outputs, "to")
+    gather, scatter = op.gather_over, op.scatter_over
+    for over in (gather, scatter):
+        if over is not None and over not in ruleset.ranged:
+            problems.append(
+                f"`over: {over}` needs {over!r} declared as an integer placeholder with a range "
+                f"(e.g. placeholders: {{{over}: tp}})"
+            )
+    if gather is not None:
+        if gather not in used_in:
+            problems.append(f"`from` must use the `over` placeholder {{{gather}}}")
+        expected_out = used_in - {gather}
+    elif scatter is not None:
+        if scatter not in used_out:
+            problems.append(f"`to` must use the `over` placeholder {{{scatter}}}")
+        expected_out = used_in | {scatter}
+    else:
+        expected_out = used_in
+
+    if inputs and outputs and used_out != expected_out:
+        only_in = sorted(expected_out - used_out)
+        only_out = sorted(used_out - expected_out)
+        if only_in:
+            problems.append(
+                f"placeholder(s) {', '.join(only_in)} used in `from` but not in `to`: keys would "
+                "collide and the inverse could not rebuild them"
+            )
+        if only_out:
+            problems.append(
+                f"placeholder(s) {', '.join(only_out)} used in `to` but not in `from`: nothing binds them"
+            )
+    enumerable = set(ruleset.ranged) | set(choices)
+    if not inputs or not outputs:  # drop / create: the inverse enumerates every key
+        free = sorted((used_in | used_out) - enumerable)
+        if free:
+            problems.append(
+                f"placeholder(s) {', '.join(free)} need a declared range or choices so the inverse "
+                "can re-create every key"
+            )
+    return problems

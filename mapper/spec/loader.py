@@ -1,0 +1,273 @@
+"""Read rule files: YAML or JSON -> JSON Schema check -> pydantic -> includes -> semantic checks.
+
+Every error names the file, the line and column, the rule index and a hint. JSON is read with
+the YAML parser (JSON is YAML's flow style), so both formats get positions for free.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from collections.abc import Mapping
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+from pydantic import ValidationError
+
+from mapper.errors import RuleFileError
+from mapper.ops import OPS_BY_NAME
+from mapper.spec.checks import check_rule_set
+from mapper.spec.models import RuleSet, unwrap, wrap
+from mapper.spec.schema import rule_set_schema
+
+Position = tuple[int, int]
+Path_ = tuple[Any, ...]
+
+
+def load_rule_file(path: str | Path) -> RuleSet:
+    """Load one file and everything it includes into a flat, checked rule set."""
+    path = Path(path)
+    flat = _resolve(path.resolve(), stack=())
+    check_rule_set(flat)
+    return flat
+
+
+def load_rule_text(text: str, *, name: str = "<text>", base: Path | None = None) -> RuleSet:
+    """Load rules from a string (tests, tools); includes resolve relative to ``base``."""
+    data, positions = parse_document(text, name)
+    flat = _build(data, positions, Path(name), base or Path.cwd(), stack=())
+    check_rule_set(flat)
+    return flat
+
+
+# --- parsing with positions ------------------------------------------------------------
+def parse_document(text: str, where: str) -> tuple[Any, dict[Path_, Position]]:
+    """YAML/JSON text -> plain data plus (line, column) of every node, keyed by its path."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None) or getattr(error, "context_mark", None)
+        at = f"{where}:{mark.line + 1}:{mark.column + 1}" if mark else where
+        problem = getattr(error, "problem", None) or str(error)
+        context, context_mark = getattr(error, "context", None), getattr(error, "context_mark", None)
+        if context and context_mark is not None:
+            problem += f" ({context} that starts at line {context_mark.line + 1}, column {context_mark.column + 1})"
+        raise RuleFileError(
+            f"not valid YAML/JSON: {problem}", where=at,
+            hint="check indentation, colons and quotes around patterns containing '{' or ':'",
+        ) from None
+    finally:
+        loader.dispose()
+    if node is None:
+        raise RuleFileError("the file is empty", where=where, hint="start from `mapper rules new`")
+    positions: dict[Path_, Position] = {}
+    data = _construct(loader, node, (), positions, where)
+    return data, positions
+
+
+def _construct(loader: yaml.SafeLoader, node: yaml.Node, path: Path_, positions: dict, where: str) -> Any:
+    positions[path] = (node.start_mark.line + 1, node.start_mark.column + 1)
+    if isinstance(node, yaml.MappingNode):
+        result: dict[Any, Any] = {}
+        for key_node, value_node in node.value:
+            key = _construct(loader, key_node, path + ("<key>",), {}, where)
+            if not isinstance(key, (str, int, float, bool)) or key is None:
+                raise RuleFileError(
+                    "mapping keys must be plain scalars", where=_at(where, key_node.start_mark)
+                )
+            if key in result:
+                raise RuleFileError(
+                    f"key {key!r} appears twice in the same mapping", where=_at(where, key_node.start_mark),
+                    hint="YAML would silently keep the last one; remove the duplicate",
+                )
+            result[key] = _construct(loader, value_node, path + (key,), positions, where)
+        return result
+    if isinstance(node, yaml.SequenceNode):
+        return [_construct(loader, item, path + (i,), positions, where) for i, item in enumerate(node.value)]
+    try:
+        return loader.construct_object(node, deep=True)
+    except yaml.YAMLError as error:
+        raise RuleFileError(f"bad value: {error}", where=_at(where, node.start_mark)) from None
+
+
+def _at(where: str, mark: Any) -> str:
+    return f"{where}:{mark.line + 1}:{mark.column + 1}"
+
+
+def _locate(where: str, positions: Mapping[Path_, Position], path: Path_) -> str:
+    """``file:line:col`` of the deepest known node on ``path``."""
+    for cut in range(len(path), -1, -1):
+        found = positions.get(tuple(path[:cut]))
+        if found:
+            return f"{where}:{found[0]}:{found[1]}"
+    return where
+
+
+def _rule_label(path: Path_, data: Any) -> str:
+    if len(path) >= 2 and path[0] == "rules" and isinstance(path[1], int):
+        rules = data.get("rules") if isinstance(data, dict) else None
+        op = ""
+        if isinstance(rules, list) and path[1] < len(rules) and isinstance(rules[path[1]], dict):
+            op = " (" + ", ".join(map(str, rules[path[1]])) + ")"
+        return f"rule {path[1]}{op}: "
+    return ""
+
+
+# --- validation stages -----------------------------------------------------------------
+def _check_rule_shapes(data: Any, positions: Mapping[Path_, Position], where: str) -> None:
+    """Before the schema: give each rule a precise message (did you mean ...?)."""
+    if not isinstance(data, dict):
+        raise RuleFileError(
+            "a rule file must be a mapping with schema_version, name, description, rules, ...",
+            where=_locate(where, positions, ()), hint="see `mapper rules show` for a complete example",
+        )
+    rules = data.get("rules", [])
+    if not isinstance(rules, list):
+        raise RuleFileError("`rules` must be a list", where=_locate(where, positions, ("rules",)))
+    for index, rule in enumerate(rules):
+        at = _locate(where, positions, ("rules", index))
+        if not isinstance(rule, dict) or len(rule) != 1:
+            raise RuleFileError(
+                f"rule {index} must be a mapping with exactly one key, the op name", where=at,
+                hint=f"write e.g. `- rename: {{from: a, to: b}}`; ops: {', '.join(OPS_BY_NAME)}",
+            )
+        (op,) = rule
+        if op not in OPS_BY_NAME:
+            close = difflib.get_close_matches(str(op), OPS_BY_NAME, n=1)
+            raise RuleFileError(
+                f"rule {index}: unknown op {op!r}", where=at,
+                hint=(f"did you mean {close[0]!r}? " if close else "") + f"ops: {', '.join(OPS_BY_NAME)}",
+            )
+
+
+@lru_cache(maxsize=1)
+def _validator() -> jsonschema.protocols.Validator:
+    schema = rule_set_schema()
+    cls = jsonschema.validators.validator_for(schema)
+    return cls(schema)
+
+
+def _check_schema(data: Any, positions: Mapping[Path_, Position], where: str) -> None:
+    errors = sorted(_validator().iter_errors(data), key=lambda e: (len(e.absolute_path), list(map(str, e.absolute_path))))
+    if not errors:
+        return
+    # The deepest error is the most specific; oneOf errors get their best sub-error.
+    error = jsonschema.exceptions.best_match(errors)
+    path = tuple(error.absolute_path)
+    field = ".".join(map(str, path)) or "(top level)"
+    raise RuleFileError(
+        f"{_rule_label(path, data)}{field}: {error.message}",
+        where=_locate(where, positions, path),
+        hint="the format is described in the README (Rule format) and schemas/ruleset.v1.json",
+    )
+
+
+def _check_model(data: Any, positions: Mapping[Path_, Position], where: str) -> RuleSet:
+    try:
+        return RuleSet.model_validate(data)
+    except ValidationError as error:
+        first = error.errors()[0]
+        path = _data_path(data, first["loc"])
+        message = first["msg"].removeprefix("Value error, ")
+        raise RuleFileError(
+            f"{_rule_label(path, data)}{'.'.join(map(str, path)) or '(top level)'}: {message}",
+            where=_locate(where, positions, path),
+            hint="the format is described in the README (Rule format) and schemas/ruleset.v1.json",
+        ) from None
+
+
+def _data_path(data: Any, loc: tuple) -> Path_:
+    """The part of a pydantic error location that exists in the data (drops union tags)."""
+    path, node = [], data
+    for part in loc:
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and isinstance(part, int) and part < len(node):
+            node = node[part]
+        else:
+            continue
+        path.append(part)
+    return tuple(path)
+
+
+# --- includes --------------------------------------------------------------------------
+def _resolve(path: Path, stack: tuple[Path, ...]) -> RuleSet:
+    if path in stack:
+        cycle = " -> ".join(p.name for p in stack + (path,))
+        raise RuleFileError(f"include cycle: {cycle}", where=stack[-1], hint="remove one of the includes")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise RuleFileError(
+            "rule file not found", where=stack[-1] if stack else path,
+            hint=f"no file {path}; paths in `include` are relative to the including file",
+        ) from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise RuleFileError(f"cannot read rule file: {error}", where=path) from None
+    data, positions = parse_document(text, str(path))
+    return _build(data, positions, path, path.parent, stack + (path,))
+
+
+def _build(data: Any, positions: dict, path: Path, base: Path, stack: tuple[Path, ...]) -> RuleSet:
+    where = str(path)
+    _check_rule_shapes(data, positions, where)
+    _check_schema(data, positions, where)
+    ruleset = _check_model(data, positions, where)
+
+    parts: list[tuple[RuleSet, str]] = [
+        (_resolve((base / name).resolve(), stack), str((base / name))) for name in ruleset.include
+    ]
+    own_ids = {}
+    own_rules = []
+    for index, op in enumerate(ruleset.ops):
+        rule_id = op.id or f"{ruleset.name}#{index}"
+        line = positions.get(("rules", index), (0, 0))[0]
+        own_ids[rule_id] = f"{where}:{line} (rule {index}, {op.name})"
+        own_rules.append(wrap(op.model_copy(update={"id": rule_id})))
+
+    parameters = dict(ruleset.parameters)
+    placeholders = dict(ruleset.placeholders)
+    rules, origins = [], {}
+    for fragment, fragment_path in parts:
+        _merge(parameters, fragment.parameters, "parameter", fragment_path, where)
+        _merge(placeholders, fragment.placeholders, "placeholder", fragment_path, where)
+        rules.extend(fragment.rules)
+        origins.update(fragment._origins)
+    rules.extend(own_rules)
+    origins.update(own_ids)
+
+    seen: dict[str, str] = {}
+    for op in (unwrap(rule) for rule in rules):
+        assert op.id is not None
+        if op.id in seen:
+            raise RuleFileError(
+                f"rule id {op.id!r} occurs twice ({seen[op.id]} and {origins.get(op.id)})",
+                where=where, hint="a fragment was included twice, or two rules share an explicit `id`",
+            )
+        seen[op.id] = origins.get(op.id, "")
+    flat = ruleset.model_copy(
+        update={"include": [], "rules": rules, "parameters": parameters, "placeholders": placeholders}
+    )
+    return flat.with_origins(origins)
+
+
+def _merge(into: dict, new: Mapping, what: str, source: str, where: str) -> None:
+    for name, value in new.items():
+        if name in into and into[name] != value:
+            raise RuleFileError(
+                f"fragments disagree on {what} {name!r}: {into[name]!r} vs {value!r} (from {source})",
+                where=where, hint=f"define {what} {name!r} the same way everywhere, or in one place",
+            )
+        into[name] = value
+
+
+def dump_rule_set(ruleset: RuleSet, *, fmt: str = "yaml") -> str:
+    """Serialise a (flattened) rule set; loading the text gives an equal rule set."""
+    data = ruleset.to_data()
+    if fmt == "json":
+        return json.dumps(data, indent=2) + "\n"
+    return yaml.safe_dump(data, sort_keys=False, width=110)

@@ -1,0 +1,138 @@
+"""Tensor metadata and the two interfaces the engine talks to: a source and a sink.
+
+The engine never sees files. A *source* gives a manifest (key -> :class:`TensorMeta`) for free and
+tensor data on demand; a *sink* receives finished output files' tensors. Readers and writers in
+``mapper.formats`` implement these for NeoX and HuggingFace folders; tests use plain dicts.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import torch
+
+# Names used in rule files, manifests, reports and safetensors headers.
+DTYPES_BY_NAME: dict[str, torch.dtype] = {
+    "float64": torch.float64,
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "int64": torch.int64,
+    "int32": torch.int32,
+    "int16": torch.int16,
+    "int8": torch.int8,
+    "uint8": torch.uint8,
+    "bool": torch.bool,
+}
+if hasattr(torch, "float8_e4m3fn"):
+    DTYPES_BY_NAME["float8_e4m3fn"] = torch.float8_e4m3fn
+    DTYPES_BY_NAME["float8_e5m2"] = torch.float8_e5m2
+
+DTYPE_NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in DTYPES_BY_NAME.items()}
+
+
+def dtype_from_name(name: str) -> torch.dtype:
+    """``"bf16"``, ``"bfloat16"``, ``"torch.bfloat16"`` -> ``torch.bfloat16``."""
+    short = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32",
+             "float": "float32", "fp64": "float64", "double": "float64"}
+    clean = name.strip().removeprefix("torch.").lower()
+    clean = short.get(clean, clean)
+    if clean not in DTYPES_BY_NAME:
+        from mapper.errors import MapperError
+
+        raise MapperError(
+            f"unknown dtype {name!r}", hint=f"use one of: {', '.join(sorted(DTYPES_BY_NAME))}"
+        )
+    return DTYPES_BY_NAME[clean]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    """What compile needs to know about a tensor without reading it."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @classmethod
+    def of(cls, tensor: torch.Tensor) -> TensorMeta:
+        return cls(tuple(tensor.shape), tensor.dtype)
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * torch.empty((), dtype=self.dtype).element_size()
+
+    def __str__(self) -> str:
+        return f"{dtype_name(self.dtype)}[{', '.join(map(str, self.shape))}]"
+
+
+Manifest = Mapping[str, TensorMeta]
+
+
+@runtime_checkable
+class Source(Protocol):
+    """Where tensors come from: metadata up front, bytes on demand."""
+
+    def manifest(self) -> Manifest:
+        """Every key with its shape and dtype, without reading tensor data."""
+        ...
+
+    def get(self, key: str) -> torch.Tensor:
+        """The tensor for ``key``; may be a view of a memory map (do not write to it)."""
+        ...
+
+
+@runtime_checkable
+class Sink(Protocol):
+    """Where tensors go: one output file (a *group* of target keys) at a time."""
+
+    def groups(self, manifest: Manifest) -> list[list[str]]:
+        """Partition the target keys into output files, in the order they should be written."""
+        ...
+
+    def write_group(self, index: int, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Write output file ``index`` (all its tensors at once); called once per group."""
+        ...
+
+
+class DictSource:
+    """A source over an in-memory state dict (tests, the demo, library users)."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor]):
+        self._tensors = dict(tensors)
+
+    def manifest(self) -> dict[str, TensorMeta]:
+        return {key: TensorMeta.of(t) for key, t in self._tensors.items()}
+
+    def get(self, key: str) -> torch.Tensor:
+        return self._tensors[key]
+
+
+class DictSink:
+    """A sink collecting every output tensor into one dict (one group per ``group_size`` keys)."""
+
+    def __init__(self, group_size: int | None = None):
+        self.tensors: dict[str, torch.Tensor] = {}
+        self.group_size = group_size
+
+    def groups(self, manifest: Manifest) -> list[list[str]]:
+        keys = list(manifest)
+        size = self.group_size or max(len(keys), 1)
+        return [keys[i : i + size] for i in range(0, len(keys), size)]
+
+    def write_group(self, index: int, tensors: Mapping[str, torch.Tensor]) -> None:
+        self.tensors.update(tensors)
+
+
+def total_bytes(metas: Iterable[TensorMeta]) -> int:
+    return sum(m.nbytes for m in metas)

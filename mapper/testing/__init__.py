@@ -1,0 +1,29 @@
+"""Test support: deterministic synthetic NeoX checkpoints of every variant (see :mod:`.synth`)."""
+
+from __future__ import annotations
+
+from mapper.testing.synth import (
+    VARIANTS,
+    ExtraState,
+    Naming,
+    Variant,
+    fp8_extra_state_is_synthetic,
+    rotary_inv_freq_of,
+    synthesize_neox,
+    synthesize_variant,
+    tiny_config,
+    variant,
+)
+
+__all__ = [
+    "VARIANTS",
+    "ExtraState",
+    "Naming",
+    "Variant",
+    "fp8_extra_state_is_synthetic",
+    "rotary_inv_freq_of",
+    "synthesize_neox",
+    "synthesize_variant",
+    "tiny_config",
+    "variant",
+]
