@@ -38,10 +38,7 @@ def compile(  # noqa: A001 -- mapper.compile reads best; the builtin is not need
     sidecar: Sidecar | None = None,
 ) -> Plan:
     """Prove ``rules`` fit ``source`` (metadata only) and return the plan; raises CompileError."""
-    return compile_plan(
-        rules, manifest_of(source), parameters, expected=expected,
-        sidecar=sidecar.manifest() if sidecar is not None else None,
-    )
+    return compile_plan(rules, manifest_of(source), parameters, expected=expected, sidecar=sidecar)
 
 
 @dataclass

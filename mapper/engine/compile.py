@@ -28,6 +28,7 @@ from mapper.expressions import evaluate
 from mapper.ops import NeedsResidual, Op, OpContext, ShapeError
 from mapper.patterns import BoundPattern, Pattern
 from mapper.engine.plan import Node, Plan, Value
+from mapper.engine.sidecar import Sidecar
 from mapper.spec.models import RuleSet
 from mapper.tensors import Manifest, TensorMeta
 
@@ -40,12 +41,12 @@ def compile_plan(
     parameters: Mapping[str, int] | None = None,
     *,
     expected: Expected = None,
-    sidecar: Manifest | None = None,
+    sidecar: Sidecar | None = None,
 ) -> Plan:
     """Compile ``ruleset`` against ``manifest`` (key -> TensorMeta). Raises CompileError."""
     values = ruleset.resolve_parameters(parameters)
     ranges = ruleset.ranges(values)
-    builder = _Builder(ruleset, values, ranges, sidecar or {})
+    builder = _Builder(ruleset, values, ranges, sidecar)
     for key, meta in manifest.items():
         builder.add_source(key, meta)
     for rule_index, op in enumerate(ruleset.ops):
@@ -61,11 +62,12 @@ def compile_plan(
 
 
 class _Builder:
-    def __init__(self, ruleset: RuleSet, parameters: dict[str, int], ranges: dict[str, int], sidecar: Manifest):
+    def __init__(self, ruleset: RuleSet, parameters: dict[str, int], ranges: dict[str, int], sidecar: Sidecar | None):
         self.ruleset = ruleset
         self.parameters = parameters
         self.ranges = ranges
-        self.sidecar = sidecar
+        self.sidecar = sidecar.manifest() if sidecar is not None else {}
+        self.recreate = sidecar.dropped if sidecar is not None else None
         self.choices = ruleset.choices
         self.names = set(ruleset.parameters)
         self.working: dict[str, Value] = {}
@@ -101,6 +103,8 @@ class _Builder:
         if not inputs:
             bindings = self._enumerate(outputs[0].pattern)
             found = [(b, [], [o.format(b) for o in outputs]) for b in bindings]
+            if self.recreate is not None:  # the sidecar says which of these the source really had
+                found = [f for f in found if f[2][0] in self.recreate]
         else:
             found = self._match(op, inputs, outputs)
         if not found and not op.optional and inputs:

@@ -83,7 +83,12 @@ def execute(
     _check_groups(groups, manifest)
     selected = part_groups(len(groups), part)
     group_of = {key: i for i, group in enumerate(groups) for key in group}
-    report = ExecutionReport(sidecar=Sidecar(rules=plan.ruleset.name, version=plan.ruleset.version))
+    report = ExecutionReport(
+        sidecar=Sidecar(
+            rules=plan.ruleset.name, version=plan.ruleset.version,
+            dropped={v.key for n in plan.dropped for v in n.inputs},
+        )
+    )
     sidecar = sidecar or Sidecar()
 
     live: dict[int, torch.Tensor] = {}

@@ -31,6 +31,9 @@ class Sidecar:
     entries: dict[str, list[torch.Tensor]] = field(default_factory=dict)
     rules: str | None = None
     version: str | None = None
+    # Keys the forward conversion dropped: the way back re-creates exactly these (an optional
+    # drop may have matched nothing, and its inverse must not invent the tensor).
+    dropped: set[str] | None = None
 
     def manifest(self) -> dict[str, TensorMeta]:
         """Metadata of every stored tensor, as ``<entry>#<index>``: what compile looks at."""
@@ -47,7 +50,8 @@ class Sidecar:
     def save(self, path: Path) -> None:
         tensors = {f"{entry}#{i}": t.detach().contiguous().clone() for entry, ts in self.entries.items() for i, t in enumerate(ts)}
         metadata = {"format": "pt", "mapper_sidecar": "1", "rules": self.rules or "", "version": self.version or "",
-                    "entries": json.dumps({e: len(ts) for e, ts in self.entries.items()})}
+                    "entries": json.dumps({e: len(ts) for e, ts in self.entries.items()}),
+                    "dropped": json.dumps(sorted(self.dropped) if self.dropped is not None else None)}
         save_file(tensors, str(path), metadata=metadata)
 
     @classmethod
@@ -57,6 +61,7 @@ class Sidecar:
                 metadata = handle.metadata() or {}
                 counts: Mapping[str, int] = json.loads(metadata.get("entries", "{}"))
                 entries = {e: [handle.get_tensor(f"{e}#{i}") for i in range(n)] for e, n in counts.items()}
+                dropped = json.loads(metadata.get("dropped", "null"))
         except Exception as error:  # noqa: BLE001 -- safetensors raises its own error types
             raise CheckpointError(
                 f"cannot read the sidecar: {error}", where=path,
@@ -64,4 +69,5 @@ class Sidecar:
             ) from None
         if metadata.get("mapper_sidecar") != "1":
             raise CheckpointError("not a mapper sidecar (no 'mapper_sidecar' metadata)", where=path)
-        return cls(entries, metadata.get("rules") or None, metadata.get("version") or None)
+        return cls(entries, metadata.get("rules") or None, metadata.get("version") or None,
+                   set(dropped) if dropped is not None else None)

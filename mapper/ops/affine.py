@@ -24,18 +24,28 @@ class Affine(Op):
 
     from_: str = Field(alias="from", description="Key pattern of the input tensor.")
     to: str = Field(None, description="Key pattern of the output (default: same key as `from`).")  # type: ignore[assignment]
-    scale: float = Field(1.0, description="Multiplier (not 0).")
-    offset: float = Field(0.0, description="Added after scaling.")
+    scale: float | str = Field(1.0, description="Multiplier (not 0); a number or an integer expression such as 'tp'.")
+    offset: float | str = Field(0.0, description="Added after scaling; a number or an integer expression.")
     invert: bool = Field(False, description="Compute the inverse map (x - offset) / scale instead.")
 
     default_to_from = model_validator(mode="before")(same_key_if_missing)
 
     @field_validator("scale")
     @classmethod
-    def _nonzero(cls, value: float) -> float:
+    def _nonzero(cls, value: float | str) -> float | str:
         if value == 0:
             raise ValueError("scale must not be 0 (the op would not be invertible)")
         return value
+
+    def expressions(self) -> list[str]:
+        return [v for v in (self.scale, self.offset) if isinstance(v, str)]
+
+    def _numbers(self, ctx: OpContext) -> tuple[float, float]:
+        scale = ctx.size(self.scale) if isinstance(self.scale, str) else self.scale
+        offset = ctx.size(self.offset) if isinstance(self.offset, str) else self.offset
+        if scale == 0:
+            raise ShapeError(f"affine: scale {self.scale!r} evaluates to 0")
+        return scale, offset
 
     @property
     def lossy(self) -> bool:
@@ -45,12 +55,14 @@ class Affine(Op):
         (meta,) = inputs
         if not meta.dtype.is_floating_point:
             raise ShapeError(f"affine needs a floating-point tensor, got {meta}")
+        self._numbers(ctx)
         return [meta]
 
     def apply(self, inputs: list[torch.Tensor], ctx: OpContext) -> list[torch.Tensor]:
         x = inputs[0]
+        scale, offset = self._numbers(ctx)
         wide = x.to(torch.float64)
-        y = (wide - self.offset) / self.scale if self.invert else wide * self.scale + self.offset
+        y = (wide - offset) / scale if self.invert else wide * scale + offset
         return [y.to(x.dtype)]
 
     def inverse(self) -> Affine:
