@@ -17,8 +17,7 @@ Transformer Engine (TE) switches. The NeoX facts used here were read in Eleuther
   is hard-coded (1e-5 LayerNorm, 1e-8 RMSNorm), and its activation is TE's (GELU = tanh).
 - ``TEMultiheadAttention`` and ``TELayerNormMLP`` always build biases (``bias=True``).
 
-The layout helpers at the bottom (:func:`neox_key`, :func:`parse_neox_key`, layer indices) define
-the flattened checkpoint key namespace every mapper module uses.
+The key namespace itself lives in :mod:`mapper.formats.naming`.
 """
 
 from __future__ import annotations
@@ -303,6 +302,8 @@ class NeoXModelConfig(BaseModel):
             "vocab_size": self.vocab_size,
             "gpt_j_residual": int(self.gpt_j_residual),
             "tied": int(self.tied),
+            "te_columnparallel": int(self.te_columnparallel),
+            "te_rowparallel": int(self.te_rowparallel),
         }
 
     # ---- NeoX YAML -----------------------------------------------------------------------------
@@ -690,25 +691,6 @@ def pad_vocab_size(orig: int, divisible_by: int, tp: int) -> int:
     """NeoX's ``_vocab_size_with_padding``: round up to a multiple of divisible_by × TP."""
     multiple = divisible_by * tp
     return multiple * math.ceil(orig / multiple)
-
-
-# ---- checkpoint key namespace ------------------------------------------------------------------
-
-_KEY_RE = re.compile(r"^layer_(\d{2,})\.(.+)@rank(\d+)$")
-
-
-def neox_key(layer: int, name: str, rank: int) -> str:
-    """Flattened NeoX key: tensor ``name`` of pipeline layer ``layer`` on TP rank ``rank``."""
-    return f"layer_{layer:02d}.{name}@rank{rank}"
-
-
-def parse_neox_key(key: str) -> tuple[int, str, int]:
-    """Inverse of :func:`neox_key`: ``(layer, name, rank)``."""
-    match = _KEY_RE.match(key)
-    if not match:
-        raise MapperError(f"not a flattened NeoX key: {key!r}", where=key,
-                          hint="expected layer_XX.<name>@rankN")
-    return int(match.group(1)), match.group(2), int(match.group(3))
 
 
 # ---- helpers -----------------------------------------------------------------------------------

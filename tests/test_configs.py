@@ -282,8 +282,9 @@ def test_rule_parameters() -> None:
     config = tiny_config("llama-te", tp=2)
     assert config.rule_parameters() == {
         "num_layers": 2, "hidden_size": 64, "num_heads": 4, "num_kv_heads": 2, "head_dim": 16, "tp": 2,
-        "vocab_size": 112, "gpt_j_residual": 0, "tied": 0,
+        "vocab_size": 112, "gpt_j_residual": 0, "tied": 0, "te_columnparallel": 0, "te_rowparallel": 0,
     }
+    assert tiny_config("te-linear").rule_parameters()["te_rowparallel"] == 1
     assert tiny_config("neox-parallel").rule_parameters()["gpt_j_residual"] == 1
     assert tiny_config("neox-new").rule_parameters()["tied"] == 1
 

@@ -14,7 +14,8 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from mapper.configs import NeoXModelConfig, neox_key
+from mapper.configs import NeoXModelConfig
+from mapper.formats.naming import neox_key
 from mapper.errors import CheckpointError, MapperError
 from mapper.testing import VARIANTS, synthesize_neox, synthesize_variant, tiny_config
 from mapper.verify import neox_forward

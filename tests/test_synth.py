@@ -8,7 +8,7 @@ from collections import defaultdict
 import pytest
 import torch
 
-from mapper.configs import neox_key, parse_neox_key
+from mapper.formats.naming import neox_key, parse_neox_key
 from mapper.errors import MapperError
 from mapper.testing import (
     VARIANTS,
@@ -24,7 +24,8 @@ def names(tensors: dict, layer: int) -> set[str]:
     """Tensor names of one pipeline layer (rank 0)."""
     out = set()
     for key in tensors:
-        idx, name, rank = parse_neox_key(key)
+        parsed = parse_neox_key(key)
+        idx, name, rank = parsed.idx, parsed.key, parsed.rank
         if idx == layer and rank == 0:
             out.add(name)
     return out
@@ -33,7 +34,8 @@ def names(tensors: dict, layer: int) -> set[str]:
 def by_rank(tensors: dict) -> dict[tuple[int, str], dict[int, torch.Tensor]]:
     grouped: dict[tuple[int, str], dict[int, torch.Tensor]] = defaultdict(dict)
     for key, t in tensors.items():
-        idx, name, rank = parse_neox_key(key)
+        parsed = parse_neox_key(key)
+        idx, name, rank = parsed.idx, parsed.key, parsed.rank
         grouped[(idx, name)][rank] = t
     return grouped
 
@@ -51,7 +53,8 @@ def test_same_seed_same_tensors_other_seed_other_tensors() -> None:
 
 def test_keys_round_trip_through_the_namespace() -> None:
     assert neox_key(2, "attention.query_key_value.weight", 1) == "layer_02.attention.query_key_value.weight@rank1"
-    assert parse_neox_key("layer_07.norm.weight@rank0") == (7, "norm.weight", 0)
+    parsed = parse_neox_key("layer_07.norm.weight@rank0")
+    assert (parsed.idx, parsed.key, parsed.rank) == (7, "norm.weight", 0)
     with pytest.raises(MapperError):
         parse_neox_key("sequential.2.norm.weight")
 
@@ -75,10 +78,10 @@ def test_every_tensor_exists_on_every_rank_and_replicas_agree(variant: str) -> N
 
 def test_layer_indices_follow_gpt2_model_pipe() -> None:
     untied, t = synthesize_variant("neox-legacy")  # 2 blocks: 0 embed, 2-3 blocks, 5 norm, 6 final_linear
-    assert {parse_neox_key(k)[0] for k in t} == {0, 2, 3, 5, 6}
+    assert {parse_neox_key(k).idx for k in t} == {0, 2, 3, 5, 6}
     assert names(t, 5) == {"norm.weight", "norm.bias"} and names(t, 6) == {"final_linear.weight"}
     tied, t = synthesize_variant("neox-new")
-    assert {parse_neox_key(k)[0] for k in t} == {0, 2, 3, 5}
+    assert {parse_neox_key(k).idx for k in t} == {0, 2, 3, 5}
     assert names(t, 0) == {"word_embeddings.weight"}
 
 

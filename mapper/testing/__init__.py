@@ -27,3 +27,7 @@ __all__ = [
     "tiny_config",
     "variant",
 ]
+
+from mapper.testing.disk import write_neox_checkpoint  # noqa: E402
+
+__all__ += ["write_neox_checkpoint"]

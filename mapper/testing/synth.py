@@ -1,7 +1,7 @@
 """Synthetic NeoX checkpoints: every naming/TE variant, any TP, from one seed.
 
 :func:`synthesize_neox` returns the flattened sharded state dict (``layer_XX.<name>@rankN``, see
-:func:`mapper.configs.neox_key`) exactly as NeoX would have saved it at ``config.tp`` ranks.
+:func:`mapper.formats.naming.neox_key`) exactly as NeoX would have saved it at ``config.tp`` ranks.
 
 All tensors are cut from one set of *logical* (unsharded, HF-like) weights, each drawn from its
 own generator seeded by ``(seed, logical name)``; vocabulary-sized matrices are drawn row by row.
@@ -26,7 +26,8 @@ from typing import Any, Literal
 
 import torch
 
-from mapper.configs import NeoXModelConfig, neox_key, pad_vocab_size
+from mapper.configs import NeoXModelConfig, pad_vocab_size
+from mapper.formats.naming import neox_key
 from mapper.errors import MapperError
 
 Naming = Literal["legacy", "new"]

@@ -2,7 +2,7 @@
 
 This is what a converted model is compared against, so it follows NeoX's code, not HF's. Each
 function names the NeoX (EleutherAI/gpt-neox) or Transformer Engine (NVIDIA/TransformerEngine)
-source it follows. The input is the flattened namespace of :func:`mapper.configs.neox_key`
+source it follows. The input is the flattened namespace of :func:`mapper.formats.naming.neox_key`
 (``layer_XX.<name>@rankN``); the naming of each module is detected from its keys.
 
 Tensor parallelism is simulated rank by rank, as the ranks compute it:
@@ -49,7 +49,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from mapper.configs import NeoXModelConfig, neox_key
+from mapper.configs import NeoXModelConfig
+from mapper.formats.naming import neox_key
 from mapper.errors import CheckpointError, MapperError
 
 Tensor = torch.Tensor

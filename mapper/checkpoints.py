@@ -1,0 +1,387 @@
+"""Converting checkpoint folders: NeoX -> HF and HF -> NeoX, on top of the engine.
+
+This module gathers what a conversion needs before any tensor byte is read -- the reader, the
+model config (NeoX YAML or config.json), the rule set (given or detected; inverted for HF ->
+NeoX), its parameters, the expected HF tensors -- into a :class:`Prepared` conversion whose plan
+is already proven. :func:`convert_checkpoint` then streams it into a writer.
+
+Beside the HF model, a conversion writes ``mapper.json`` (which rule set, version, parameters,
+source), ``mapper-neox-config.yaml`` (the NeoX model config, so the way back restores it) and
+``mapper-sidecar.safetensors`` (what lossy rules removed: FP8 metadata, cut vocabulary rows...).
+An HF -> NeoX conversion reads them back when present, which makes NeoX -> HF -> NeoX exact.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import yaml
+
+from mapper import __version__
+from mapper.configs import NeoXModelConfig, load_neox_yaml, pad_vocab_size
+from mapper.detect import Detection, builtin_rule_sets, detect, require_single
+from mapper.engine import SIDECAR_FILE, ExecutionReport, Plan, Sidecar, compile_plan, execute
+from mapper.engine.execute import target_manifest
+from mapper.errors import CheckpointError, MapperError
+from mapper.formats import HFCheckpoint, NeoXCheckpoint, open_checkpoint
+from mapper.formats.hf_writer import HFWriter
+from mapper.formats.naming import parse_neox_key
+from mapper.formats.neox_writer import NeoXWriter
+from mapper.formats.output import write_bytes_atomic
+from mapper.hf_models import expected_tensors, transformers_available
+from mapper.spec import RuleSet, load_rules
+
+RECORD_FILE = "mapper.json"
+NEOX_CONFIG_FILE = "mapper-neox-config.yaml"
+HF_TARGETS = {"gpt_neox": "hf-gpt-neox", "llama": "hf-llama"}
+ARCH_OF_TARGET = {target: arch for arch, target in HF_TARGETS.items()}
+
+Direction = Literal["neox-to-hf", "hf-to-neox"]
+
+
+@dataclass
+class Prepared:
+    """A conversion whose plan is proven: everything decided, nothing read yet."""
+
+    direction: Direction
+    source: NeoXCheckpoint | HFCheckpoint
+    rules: RuleSet  # as executed (already inverted for HF -> NeoX)
+    forward_rules: RuleSet  # the NeoX -> HF rule set it comes from
+    model: NeoXModelConfig
+    parameters: dict[str, int]
+    plan: Plan
+    hf_config: dict[str, Any]
+    neox_yaml: dict[str, Any]
+    sidecar: Sidecar | None = None
+    detection: Detection | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def output_tp(self) -> int:
+        return self.parameters["tp"]
+
+    def record(self) -> dict[str, Any]:
+        """What ``mapper.json`` says about this conversion."""
+        return {
+            "mapper_version": __version__,
+            "direction": self.direction,
+            "rules": self.forward_rules.name,
+            "rules_version": self.forward_rules.version,
+            "parameters": self.parameters,
+            "source": str(self.source.path),
+        }
+
+
+@dataclass
+class ConversionResult:
+    prepared: Prepared
+    report: ExecutionReport
+    output: Path | None  # None for one part of a multi-part run
+
+
+def prepare(
+    src: str | Path,
+    *,
+    rules: str | Path | RuleSet | None = None,
+    config_files: Sequence[str | Path] = (),
+    tp: int | None = None,
+    trim_vocab: int | None = None,
+    parameters: Mapping[str, int] | None = None,
+) -> Prepared:
+    """Open ``src``, decide everything, and compile the plan (metadata only)."""
+    source = open_checkpoint(src)
+    if isinstance(source, NeoXCheckpoint):
+        return _prepare_neox_to_hf(source, rules, config_files, trim_vocab, parameters or {})
+    return _prepare_hf_to_neox(source, rules, config_files, tp, parameters or {})
+
+
+def convert_checkpoint(
+    src: str | Path,
+    out: str | Path,
+    *,
+    rules: str | Path | RuleSet | None = None,
+    config_files: Sequence[str | Path] = (),
+    tp: int | None = None,
+    dtype: torch.dtype | None = None,
+    trim_vocab: int | None = None,
+    max_shard_size: int = 5 * 10**9,
+    force: bool = False,
+    part: tuple[int, int] | None = None,
+    average_replicas: bool = False,
+    parameters: Mapping[str, int] | None = None,
+    on_start: Callable[[int], None] | None = None,
+    on_group: Callable[[int, int], None] | None = None,
+    prepared: Prepared | None = None,
+) -> ConversionResult:
+    """Convert a checkpoint folder into ``out`` (complete, or not at all)."""
+    ready = prepared or prepare(
+        src, rules=rules, config_files=config_files, tp=tp, trim_vocab=trim_vocab, parameters=parameters
+    )
+    writer = _writer(ready, Path(out), max_shard_size=max_shard_size, force=force, part=part, dtype=dtype)
+    with writer:
+        if on_start is not None:
+            on_start(sum(m.nbytes for m in target_manifest(ready.plan, dtype).values()))
+        report = execute(
+            ready.plan, ready.source, writer, sidecar=ready.sidecar, average_replicas=average_replicas,
+            cast=dtype, part=part, on_group=on_group,
+        )
+        _write_extras(ready, writer.staging, report, part)
+    return ConversionResult(ready, report, writer.finalize() if part is None else None)
+
+
+def finalize_parts(out: str | Path, *, force: bool = False) -> Path:
+    """The last step of a multi-machine conversion: check every part, then publish ``out``."""
+    staging_plan = Path(out).parent / f".{Path(out).name}.mapper-parts" / ".mapper" / "plan.json"
+    kind = json.loads(staging_plan.read_text()).get("kind") if staging_plan.is_file() else "hf"
+    writer = HFWriter if kind == "hf" else NeoXWriter
+    return writer.finalize_parts(out, force=force)
+
+
+# --- NeoX -> HF ----------------------------------------------------------------------------
+def _prepare_neox_to_hf(
+    source: NeoXCheckpoint,
+    rules: str | Path | RuleSet | None,
+    config_files: Sequence[str | Path],
+    trim_vocab: int | None,
+    overrides: Mapping[str, int],
+) -> Prepared:
+    manifest = source.manifest()
+    notes: list[str] = []
+    files = [Path(p) for p in config_files] or list(source.config_files)
+    raw: dict[str, Any] = load_neox_yaml(files) if files else {}
+    model = None
+    if raw:
+        model = NeoXModelConfig.from_neox_yaml(raw, tp=source.tp, padded_vocab_size=_padded_vocab(manifest, source.tp))
+    else:
+        notes.append("no NeoX config found (configs/ or --config): parameters are read off the checkpoint")
+    parameters = {**_inferred_parameters(manifest, source.tp), **(model.rule_parameters() if model else {})}
+    if trim_vocab:
+        parameters["trim_vocab"] = trim_vocab
+    parameters.update(overrides)
+
+    detection = None
+    if rules is None:
+        detection = detect(manifest, parameters, model=model)
+        chosen = require_single(detection, f"cannot tell which rule set fits {source.path}")
+    else:
+        chosen = _load(rules)
+    if chosen.source != "neox":
+        raise MapperError(
+            f"rule set {chosen.name} converts {chosen.source} -> {chosen.target}, but {source.path} is a NeoX checkpoint",
+            hint="pick a rule set whose source is neox (`mapper rules list`)",
+        )
+    if model is None:
+        raise MapperError(
+            f"converting {source.path} to HF needs the NeoX model config (hidden size, heads, norm, "
+            "activation, rotary...) to write config.json",
+            where=source.path, hint="pass --config path/to/model.yml (the YAML the model was trained with)",
+        )
+    plan = compile_plan(chosen, manifest, parameters)
+    arch = ARCH_OF_TARGET[chosen.target or ""]
+    hf_config = model.to_hf_config(
+        arch, intermediate_size=_mlp_width(plan), vocab_size=trim_vocab or None,
+    )
+    hf_config["architectures"] = ["GPTNeoXForCausalLM" if arch == "gpt_neox" else "LlamaForCausalLM"]
+    if transformers_available():
+        plan = compile_plan(chosen, manifest, parameters, expected=expected_tensors(hf_config))
+    else:
+        notes.append("transformers is not installed: the output was not checked against the HF model's keys")
+    notes.extend(_dropped_notes(plan))
+    return Prepared(
+        "neox-to-hf", source, chosen, chosen, model, plan.parameters, plan, hf_config,
+        raw or model.to_neox_yaml(), detection=detection, notes=notes,
+    )
+
+
+def _padded_vocab(manifest: Mapping[str, Any], tp: int) -> int | None:
+    embedding = manifest.get("layer_00.word_embeddings.weight@rank0")
+    return embedding.shape[0] * tp if embedding is not None else None
+
+
+def _inferred_parameters(manifest: Mapping[str, Any], tp: int) -> dict[str, int]:
+    """What the keys say when there is no config: TP degree, layers, vocabulary."""
+    indices = {parse_neox_key(k).idx for k in manifest}
+    untied = any(".final_linear." in k for k in manifest)
+    blocks = len([i for i in indices if i >= 2]) - 1 - int(untied)
+    found = {"tp": tp, "num_layers": max(blocks, 0), "gpt_j_residual": 0}
+    vocab = _padded_vocab(manifest, tp)
+    if vocab is not None:
+        found["vocab_size"] = vocab
+    return found
+
+
+def _mlp_width(plan: Plan) -> int | None:
+    for key, value in plan.targets.items():
+        if key.endswith(("mlp.dense_4h_to_h.weight", "mlp.down_proj.weight")):
+            return value.meta.shape[1]
+    return None
+
+
+def _dropped_notes(plan: Plan) -> list[str]:
+    """Dropped tensors, summarised by rule and reason (a stale norm must never go unnoticed)."""
+    by_rule: dict[str, list[str]] = {}
+    for node in plan.dropped:
+        by_rule.setdefault(f"{node.op.note or 'dropped'} [{node.rule_id}]", []).append(node.inputs[0].key)
+    return [f"dropped {len(keys)} tensor(s): {why}, e.g. {keys[0]}" for why, keys in by_rule.items()]
+
+
+# --- HF -> NeoX ----------------------------------------------------------------------------
+def _prepare_hf_to_neox(
+    source: HFCheckpoint,
+    rules: str | Path | RuleSet | None,
+    config_files: Sequence[str | Path],
+    tp: int | None,
+    overrides: Mapping[str, int],
+) -> Prepared:
+    if source.config is None:
+        raise CheckpointError(
+            "the HF folder has no config.json", where=source.path,
+            hint="converting to NeoX needs the model's config.json",
+        )
+    notes: list[str] = []
+    record = _read_record(source.path)
+    target = HF_TARGETS.get(str(source.config.get("model_type")))
+    if target is None:
+        raise CheckpointError(
+            f"HF model_type {source.config.get('model_type')!r} is not supported", where=source.path / "config.json",
+            hint="mapper converts gpt_neox and llama models",
+        )
+    if rules is not None:
+        forward = _load(rules)
+        if forward.source == "hf-gpt-neox" or forward.source == "hf-llama":
+            forward = forward.invert()
+    elif record is not None:
+        forward = _load(record["rules"])
+        notes.append(f"rule set {forward.name} taken from {RECORD_FILE} (the conversion that made this folder)")
+    else:
+        candidates = [r.name for r in builtin_rule_sets(source="neox", target=target)]
+        raise MapperError(
+            f"{source.path} is an HF {source.config.get('model_type')} model; several NeoX layouts can "
+            f"hold it: {', '.join(candidates)}",
+            hint="name the NeoX variant you want with --rules (e.g. --rules "
+            f"{'neox-to-hf-gpt-neox' if target == 'hf-gpt-neox' else 'neox-llama-to-hf-llama'} for NeoX's "
+            "own modules; its inverse is used)",
+        )
+    if forward.target != target:
+        raise MapperError(
+            f"rule set {forward.name} converts to {forward.target}, but {source.path} holds {target}",
+            hint="pick a rule set for this architecture (`mapper rules list`)",
+        )
+
+    out_tp = tp or (record or {}).get("parameters", {}).get("tp") or 1
+    saved_yaml = source.path / NEOX_CONFIG_FILE
+    files = [Path(p) for p in config_files] or ([saved_yaml] if saved_yaml.is_file() else [])
+    raw = load_neox_yaml(files) if files else {}
+    hf_vocab = int(source.config["vocab_size"])
+    if raw:
+        raw = {**raw, "model_parallel_size": out_tp}
+        model = NeoXModelConfig.from_neox_yaml(raw, tp=out_tp, padded_vocab_size=_repadded(raw, hf_vocab, out_tp))
+    else:
+        model = NeoXModelConfig.from_hf_config(source.config, tp=out_tp)
+        variant = {k: v for k, v in forward.variant.items() if k in NeoXModelConfig.model_fields}
+        model = model.model_copy(update=variant)
+    parameters = {**model.rule_parameters(), "tp": out_tp}
+    if hf_vocab != model.vocab_size:
+        parameters["trim_vocab"] = hf_vocab
+    parameters.update(overrides)
+
+    sidecar = _read_sidecar(source.path, forward, record, out_tp, notes)
+    inverse = forward.invert()
+    plan = compile_plan(inverse, source.manifest(), parameters, sidecar=sidecar)
+    return Prepared(
+        "hf-to-neox", source, inverse, forward, model, plan.parameters, plan, dict(source.config),
+        {**model.to_neox_yaml(), **_hyphenated(raw)} if raw else model.to_neox_yaml(),
+        sidecar=sidecar, notes=notes,
+    )
+
+
+def _repadded(raw: Mapping[str, Any], hf_vocab: int, tp: int) -> int:
+    divisible_by = int(raw.get("make_vocab_size_divisible_by", 128))
+    return pad_vocab_size(hf_vocab, divisible_by, tp)
+
+
+def _hyphenated(raw: Mapping[str, Any]) -> dict[str, Any]:
+    return {key.replace("_", "-"): value for key, value in raw.items()}
+
+
+def _read_record(folder: Path) -> dict[str, Any] | None:
+    path = folder / RECORD_FILE
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"cannot read {RECORD_FILE}: {error}", where=path, hint="delete it or fix it") from None
+    if not isinstance(record, dict) or "rules" not in record:
+        raise CheckpointError(f"{RECORD_FILE} does not name a rule set", where=path, hint="delete it or fix it")
+    return record
+
+
+def _read_sidecar(
+    folder: Path, forward: RuleSet, record: Mapping[str, Any] | None, out_tp: int, notes: list[str]
+) -> Sidecar | None:
+    paths = sorted(folder.glob("mapper-sidecar*.safetensors"))
+    if not paths:
+        return None
+    sidecar = Sidecar()
+    for path in paths:
+        part = Sidecar.load(path)
+        if part.rules != forward.name:
+            notes.append(f"{path.name} was written by rule set {part.rules}, not {forward.name}: not used")
+            return None
+        sidecar.rules, sidecar.version = part.rules, part.version
+        sidecar.entries.update(part.entries)
+        if part.dropped is not None:
+            sidecar.dropped = (sidecar.dropped or set()) | part.dropped
+    source_tp = (record or {}).get("parameters", {}).get("tp")
+    if source_tp is not None and source_tp != out_tp:
+        notes.append(f"sidecar not used: it holds rank-level tensors of TP={source_tp}, the output has TP={out_tp}")
+        return None
+    notes.append(f"sidecar {paths[0].name}: {len(sidecar)} entries restore what the forward conversion removed")
+    return sidecar
+
+
+# --- writing -------------------------------------------------------------------------------
+def _writer(
+    ready: Prepared, out: Path, *, max_shard_size: int, force: bool, part: tuple[int, int] | None,
+    dtype: torch.dtype | None,
+) -> HFWriter | NeoXWriter:
+    inputs = [ready.source.path, getattr(ready.source, "root", ready.source.path)]
+    if ready.direction == "neox-to-hf":
+        config = dict(ready.hf_config)
+        if dtype is not None:
+            config["dtype"] = str(dtype).removeprefix("torch.")
+        metadata = {"mapper_rules": ready.forward_rules.name, "mapper_rules_version": str(ready.forward_rules.version),
+                    "mapper_version": __version__}
+        return HFWriter(out, config=config, max_shard_size=max_shard_size, metadata=metadata, parts=part,
+                        force=force, inputs=inputs)
+    return NeoXWriter(out, yaml_config=ready.neox_yaml, tp=ready.output_tp, parts=part, force=force, inputs=inputs)
+
+
+def _write_extras(ready: Prepared, staging: Path, report: ExecutionReport, part: tuple[int, int] | None) -> None:
+    """The conversion record, the NeoX config and the sidecar, beside the model files."""
+    if ready.direction != "neox-to-hf":
+        return
+    suffix = f".part-{part[0]:05d}-of-{part[1]:05d}" if part else ""
+    if part is None or part[0] == part[1]:
+        write_bytes_atomic(staging / RECORD_FILE, (json.dumps(ready.record(), indent=2) + "\n").encode())
+        write_bytes_atomic(staging / NEOX_CONFIG_FILE, yaml.safe_dump(_plain(ready.neox_yaml), sort_keys=False).encode())
+    if report.sidecar.entries or report.sidecar.dropped:
+        name = SIDECAR_FILE.replace(".safetensors", f"{suffix}.safetensors")
+        tmp = staging / f".{name}.tmp"
+        report.sidecar.save(tmp)
+        tmp.replace(staging / name)
+
+
+def _plain(data: Any) -> Any:
+    """YAML-safe copy of a config dict (tuples and numpy-ish scalars become plain types)."""
+    return json.loads(json.dumps(data, default=str))
+
+
+def _load(rules: str | Path | RuleSet) -> RuleSet:
+    return rules if isinstance(rules, RuleSet) else load_rules(rules)

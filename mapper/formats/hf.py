@@ -1,0 +1,253 @@
+"""Reading HuggingFace model folders: safetensors (single or sharded) or pytorch_model.bin.
+
+Looked for in this order, like ``from_pretrained``: ``model.safetensors.index.json``,
+``model.safetensors``, ``pytorch_model.bin.index.json``, ``pytorch_model.bin``. The manifest
+comes from the safetensors headers (validated: offsets that lie, overlap or point past the end
+of a truncated file are errors naming the file and tensor) or from memory-mapped, weights-only
+loads of the ``.bin`` files (:mod:`mapper.formats.safe_pickle`). An index whose file names point
+outside the folder (``../x``, absolute paths) is refused. ``get`` returns views of memory maps.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import threading
+from pathlib import Path, PurePosixPath, PureWindowsPath
+from types import TracebackType
+from typing import Any
+
+import torch
+
+from mapper.errors import CheckpointError
+from mapper.formats import safe_pickle
+from mapper.formats.naming import natural_key
+from mapper.formats.safetensors_io import Entry, MappedFile, read_header
+from mapper.tensors import TensorMeta
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+SAFETENSORS_SINGLE = "model.safetensors"
+BIN_INDEX = "pytorch_model.bin.index.json"
+BIN_SINGLE = "pytorch_model.bin"
+LOOKED_FOR = f"{SAFETENSORS_INDEX}, {SAFETENSORS_SINGLE}, {BIN_INDEX} or {BIN_SINGLE}"
+
+
+def is_hf_folder(folder: Path) -> bool:
+    return any(
+        (folder / name).is_file() for name in (SAFETENSORS_INDEX, SAFETENSORS_SINGLE, BIN_INDEX, BIN_SINGLE)
+    )
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(
+            f"cannot read this JSON file ({exc})", where=path, hint="copy it again"
+        ) from exc
+
+
+def _inside(folder: Path, name: Any, index: Path) -> Path:
+    """``folder / name`` for a relative name that stays inside ``folder``; refuse the rest."""
+    if not isinstance(name, str) or not name:
+        raise CheckpointError(f"file name {name!r} is not a string", where=index, hint="fix the index")
+    posix, windows = PurePosixPath(name), PureWindowsPath(name)
+    if (
+        posix.is_absolute()
+        or windows.is_absolute()
+        or windows.drive
+        or ".." in posix.parts
+        or ".." in windows.parts
+    ):
+        raise CheckpointError(
+            f"the index names the file {name!r}, outside the model folder; refusing to read it",
+            where=index,
+            hint="index file names must be plain names of files in the same folder",
+        )
+    return folder / name
+
+
+def _index_files(folder: Path, index_name: str) -> dict[str, Path]:
+    """key -> shard file from an index, after checking every name stays inside ``folder``."""
+    index = folder / index_name
+    raw = _read_json(index)
+    weight_map = raw.get("weight_map") if isinstance(raw, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(
+            "no 'weight_map' object in the index", where=index, hint="is this a HF index file?"
+        )
+    files = {str(key): _inside(folder, name, index) for key, name in weight_map.items()}
+    for path in sorted(set(files.values())):
+        if not path.is_file():
+            raise CheckpointError(
+                f"the index names {path.name}, which does not exist",
+                where=index,
+                hint="copy the missing shard",
+            )
+    return files
+
+
+class HFCheckpoint:
+    """A HuggingFace model folder as a :class:`~mapper.tensors.Source`.
+
+    Attributes: ``path``, ``format`` (``"safetensors"`` or ``"bin"``), ``files`` (the weight
+    files), ``config`` (the ``config.json`` dict, or None), ``metadata`` (safetensors
+    ``__metadata__`` of the first shard).
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise CheckpointError(
+                "not a folder" if self.path.exists() else "no such folder",
+                where=self.path,
+                hint="pass the HuggingFace model folder (the one with config.json)",
+            )
+        config_path = self.path / "config.json"
+        self.config: dict[str, Any] | None = _read_json(config_path) if config_path.is_file() else None
+        self._lock = threading.Lock()
+        self._maps: dict[Path, MappedFile] = {}
+        self._loaded: dict[Path, dict[str, torch.Tensor]] = {}
+        self._legacy: tuple[Path, dict[str, torch.Tensor]] | None = None
+        self._bin_metas: dict[str, TensorMeta] = {}
+        self._entries: dict[str, Entry] = {}
+        self._file_of: dict[str, Path] = {}
+        self.metadata: dict[str, str] = {}
+        self.notes: list[str] = []
+        if (self.path / SAFETENSORS_INDEX).is_file():
+            self.format = "safetensors"
+            self._open_safetensors(_index_files(self.path, SAFETENSORS_INDEX), self.path / SAFETENSORS_INDEX)
+        elif (self.path / SAFETENSORS_SINGLE).is_file():
+            self.format = "safetensors"
+            self._open_safetensors(None, None)
+        elif (self.path / BIN_INDEX).is_file():
+            self.format = "bin"
+            self._open_bin(_index_files(self.path, BIN_INDEX), self.path / BIN_INDEX)
+        elif (self.path / BIN_SINGLE).is_file():
+            self.format = "bin"
+            self._open_bin(None, None)
+        else:
+            raise CheckpointError(
+                "no model weights in this folder", where=self.path, hint=f"mapper looked for {LOOKED_FOR}"
+            )
+        self.files = sorted(set(self._file_of.values()), key=lambda p: natural_key(p.name))
+
+    def _check_index(
+        self, mapped: dict[str, Path] | None, found: dict[str, Path], index: Path | None
+    ) -> None:
+        if mapped is None or index is None:
+            return
+        for key, path in mapped.items():
+            if key not in found:
+                raise CheckpointError(
+                    f"the index puts {key!r} in {path.name}, which does not hold it",
+                    where=index,
+                    hint="the index and the shards are from different saves; copy them again",
+                )
+            if found[key] != path:
+                raise CheckpointError(
+                    f"the index puts {key!r} in {path.name} but it is in {found[key].name}",
+                    where=index,
+                    hint="the index and the shards are from different saves; copy them again",
+                )
+        for key in found.keys() - mapped.keys():
+            self.notes.append(f"{found[key]}:{key}: not in the index (read anyway)")
+
+    def _open_safetensors(self, mapped: dict[str, Path] | None, index: Path | None) -> None:
+        shards = (
+            sorted(set(mapped.values()), key=lambda p: natural_key(p.name))
+            if mapped
+            else [self.path / SAFETENSORS_SINGLE]
+        )
+        for shard in shards:
+            header = read_header(shard)
+            if not self.metadata:
+                self.metadata = header.metadata
+            for key, entry in header.entries.items():
+                if key in self._file_of:
+                    raise CheckpointError(
+                        f"tensor {key!r} is in both {self._file_of[key].name} and {shard.name}",
+                        where=shard,
+                        hint="remove the stale shard",
+                    )
+                self._entries[key] = entry
+                self._file_of[key] = shard
+            self._maps[shard] = MappedFile(shard)
+        self._check_index(mapped, self._file_of, index)
+
+    def _open_bin(self, mapped: dict[str, Path] | None, index: Path | None) -> None:
+        files = (
+            sorted(set(mapped.values()), key=lambda p: natural_key(p.name))
+            if mapped
+            else [self.path / BIN_SINGLE]
+        )
+        for file in files:
+            for key, tensor in self._load_bin(file).items():
+                self._bin_metas[key] = TensorMeta.of(tensor)
+                if key in self._file_of:
+                    raise CheckpointError(
+                        f"tensor {key!r} is in both {self._file_of[key].name} and {file.name}",
+                        where=file,
+                        hint="remove the stale file",
+                    )
+                self._file_of[key] = file
+        self._check_index(mapped, self._file_of, index)
+
+    def _load_bin(self, file: Path) -> dict[str, torch.Tensor]:
+        """One .bin file's tensors: memory-mapped ones are kept, a legacy one only until the next."""
+        with self._lock:
+            if file in self._loaded:
+                return self._loaded[file]
+            if self._legacy is not None and self._legacy[0] == file:
+                return self._legacy[1]
+            notes: list[str] = []
+            state = safe_pickle.load(file)
+            tensors = safe_pickle.tensors_from_state(state, file=file, what="this weights file", notes=notes)
+            self.notes.extend(n for n in notes if n not in self.notes)
+            if safe_pickle.is_zip_file(file):
+                self._loaded[file] = tensors
+            else:
+                self._legacy = (file, tensors)
+            return tensors
+
+    def manifest(self) -> dict[str, TensorMeta]:
+        """Every tensor's shape and dtype, in natural key order, without reading tensor data."""
+        keys = sorted(self._file_of, key=natural_key)
+        if self.format == "safetensors":
+            return {key: self._entries[key].meta for key in keys}
+        return {key: self._bin_metas[key] for key in keys}
+
+    def file_of(self, key: str) -> Path:
+        if key not in self._file_of:
+            close = difflib.get_close_matches(key, list(self._file_of), n=3)
+            raise CheckpointError(
+                "no such tensor in this checkpoint",
+                where=f"{self.path}:{key}",
+                hint=f"did you mean {', '.join(close)}?" if close else "see manifest() for the keys",
+            )
+        return self._file_of[key]
+
+    def get(self, key: str) -> torch.Tensor:
+        """The tensor ``key``, a view of a memory map (do not write to it)."""
+        file = self.file_of(key)
+        if self.format == "safetensors":
+            return self._maps[file].tensor(self._entries[key])
+        return self._load_bin(file)[key]
+
+    def close(self) -> None:
+        with self._lock:
+            self._loaded.clear()
+            self._legacy = None
+            self._maps = {path: MappedFile(path) for path in self._maps}
+
+    def __enter__(self) -> HFCheckpoint:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"HFCheckpoint({str(self.path)!r}, format={self.format}, files={len(self.files)})"

@@ -1,0 +1,373 @@
+"""Reading GPT-NeoX (DeepSpeed) checkpoints: both layouts, every TP rank, one key namespace.
+
+Accepted folders: a tag folder (``global_stepN/``) holding the model files; or its parent, with a
+``latest`` file naming the tag (as DeepSpeed's ``save_checkpoint`` writes it) or exactly one
+``global_step*`` folder. Layouts (see ``DeepSpeedEngine._get_ckpt_name`` and
+``PipelineModule.ckpt_layer_path``):
+
+- pipeline: ``layer_{idx:02d}-model_{rank:02d}-model_states.pt``, plain state dicts; the
+  ``mp_rank_XX_model_states.pt`` beside them hold DeepSpeed's training state with
+  ``module=None`` (read only to make sure they hold no weights);
+- sequential: ``mp_rank_{rank:02d}_model_states.pt`` only, weights under ``"module"`` as
+  ``sequential.{idx}.{key}``.
+
+Both give the keys ``layer_{idx:02d}.{key}@rank{rank}`` (:mod:`mapper.formats.naming`).
+
+The manifest is built from memory-mapped loads (``torch.load(mmap=True, weights_only=True)``
+through :mod:`mapper.formats.safe_pickle`), which read the pickles but no tensor data; the
+loaded dict of each file is kept, so ``get`` does not unpickle again and touches only the bytes
+of the tensor asked for. Legacy non-zip files cannot be memory-mapped: they are read whole, and
+only the most recently used one is kept, so memory stays bounded by the largest file.
+
+Optimizer files (``*optim_states.pt``), ``zero_to_fp32.py`` and ``latest`` are ignored; any other
+unknown ``.pt``/``.bin`` file is an error (it may hold weights that would silently be dropped);
+other unknown files and non-tensor values in state dicts are recorded in :attr:`notes`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import torch
+
+from mapper.errors import CheckpointError
+from mapper.formats import safe_pickle
+from mapper.formats.naming import (
+    LAYER_FILE,
+    MP_RANK_FILE,
+    SEQUENTIAL_KEY,
+    natural_key,
+    neox_key,
+)
+from mapper.tensors import TensorMeta
+
+PIPELINE = "pipeline"
+SEQUENTIAL = "sequential"
+IGNORED_FILES = re.compile(r"^(.*optim_states\.pt|zero_to_fp32\.py|latest|latest_universal)$")
+WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
+CONFIG_SUFFIXES = (".yml", ".yaml", ".json")
+LOOKED_FOR = (
+    "layer_XX-model_YY-model_states.pt (pipeline layout), mp_rank_YY_model_states.pt "
+    "(sequential layout), a 'latest' file naming the tag folder, or one global_step* folder"
+)
+
+
+def _has_model_files(folder: Path) -> bool:
+    return any(LAYER_FILE.match(p.name) or MP_RANK_FILE.match(p.name) for p in folder.iterdir())
+
+
+def looks_like_neox(folder: Path) -> bool:
+    """Model files, a ``latest`` file or ``global_step*`` folders: NeoX (maybe a broken one)."""
+    return (
+        _has_model_files(folder)
+        or (folder / "latest").is_file()
+        or any(p.is_dir() and p.name.startswith("global_step") for p in folder.iterdir())
+    )
+
+
+def _checked_tag(latest: Path) -> str:
+    tag = latest.read_text(encoding="utf-8", errors="replace").strip()
+    if not tag or tag in (".", "..") or "/" in tag or "\\" in tag or "\0" in tag:
+        raise CheckpointError(
+            f"'latest' names {tag!r}, which is not a folder name beside it",
+            where=latest,
+            hint="write the tag folder's name (e.g. global_step1000) into 'latest', or pass that folder",
+        )
+    return tag
+
+
+def resolve_tag_folder(path: Path) -> tuple[Path, str, list[str]]:
+    """The folder holding the model files, its tag, and notes on how it was found."""
+    if not path.exists():
+        raise CheckpointError("no such file or folder", where=path, hint="check the checkpoint path")
+    if not path.is_dir():
+        raise CheckpointError(
+            "a NeoX checkpoint is a folder, not a file",
+            where=path,
+            hint="pass the global_stepN folder or its parent",
+        )
+    if _has_model_files(path):
+        return path, path.name, []
+    latest = path / "latest"
+    if latest.is_file():
+        tag = _checked_tag(latest)
+        folder = path / tag
+        if not folder.is_dir():
+            raise CheckpointError(
+                f"'latest' names the tag {tag!r} but there is no folder {folder}",
+                where=latest,
+                hint="fix 'latest' or pass the tag folder itself",
+            )
+        return folder, tag, [f"{path}: tag {tag!r} from the 'latest' file"]
+    steps = sorted(
+        (p for p in path.iterdir() if p.is_dir() and p.name.startswith("global_step")),
+        key=lambda p: natural_key(p.name),
+    )
+    if len(steps) == 1:
+        return steps[0], steps[0].name, [f"{path}: using the only tag folder, {steps[0].name}"]
+    if steps:
+        raise CheckpointError(
+            f"{len(steps)} tag folders ({', '.join(p.name for p in steps[:8])}) and no 'latest' file",
+            where=path,
+            hint="pass the tag folder you want (e.g. " + str(steps[-1]) + ")",
+        )
+    raise CheckpointError("not a NeoX checkpoint folder", where=path, hint=f"mapper looked for {LOOKED_FOR}")
+
+
+def find_config_files(folder: Path, root: Path) -> list[Path]:
+    """YAML/JSON configs NeoX saved under ``configs/`` in the tag folder (else beside it)."""
+    for base in (folder, root, folder.parent):
+        configs = base / "configs"
+        if configs.is_dir():
+            found = [p for p in configs.iterdir() if p.is_file() and p.suffix.lower() in CONFIG_SUFFIXES]
+            if found:
+                return sorted(found, key=lambda p: natural_key(p.name))
+    return []
+
+
+@dataclass(frozen=True)
+class _Located:
+    """Where a NeoX key lives: file, key inside the file, and the parts of its name."""
+
+    file: Path
+    inner: str
+    idx: int
+    rank: int
+    key: str
+
+
+class NeoXCheckpoint:
+    """A NeoX checkpoint as a :class:`~mapper.tensors.Source` (see the module docstring).
+
+    Attributes: ``path`` (the tag folder), ``tag``, ``layout`` (``"pipeline"`` or
+    ``"sequential"``), ``tp``, ``layer_indices``, ``config_files``, ``notes``.
+    """
+
+    def __init__(self, path: str | Path):
+        self.root = Path(path)
+        self.path, self.tag, self.notes = resolve_tag_folder(self.root)
+        self.config_files = find_config_files(self.path, self.root)
+        if not self.config_files:
+            self.notes.append(f"{self.path}: no saved config under configs/")
+        self._lock = threading.Lock()
+        self._cache: dict[Path, dict[str, torch.Tensor]] = {}
+        self._legacy: tuple[Path, dict[str, torch.Tensor]] | None = None
+        self._index: dict[str, _Located] | None = None
+        self._manifest: dict[str, TensorMeta] | None = None
+        self.layer_files, self.mp_rank_files = self._scan()
+        self.layout, self.tp = self._structure()
+
+    # -- structure ---------------------------------------------------------------------------
+    def _scan(self) -> tuple[dict[tuple[int, int], Path], dict[int, Path]]:
+        layer_files: dict[tuple[int, int], Path] = {}
+        mp_files: dict[int, Path] = {}
+        for entry in sorted(self.path.iterdir(), key=lambda p: natural_key(p.name)):
+            if entry.is_dir():
+                if entry.name != "configs":
+                    self.notes.append(f"{entry}: ignored folder")
+                continue
+            if match := LAYER_FILE.match(entry.name):
+                layer_files[(int(match["idx"]), int(match["rank"]))] = entry
+            elif match := MP_RANK_FILE.match(entry.name):
+                mp_files[int(match["rank"])] = entry
+            elif IGNORED_FILES.match(entry.name):
+                self.notes.append(f"{entry}: ignored (not model weights)")
+            elif entry.suffix.lower() in WEIGHT_SUFFIXES:
+                raise CheckpointError(
+                    "unknown file in a NeoX checkpoint folder; it may hold weights mapper would drop",
+                    where=entry,
+                    hint=f"mapper reads {LOOKED_FOR}; move the file out of the folder if it holds no weights",
+                )
+            else:
+                self.notes.append(f"{entry}: ignored unknown file")
+        return layer_files, mp_files
+
+    def _structure(self) -> tuple[str, int]:
+        if self.layer_files:
+            for file in self.mp_rank_files.values():
+                module = self._training_state(file).get("module")
+                if module is not None and not (isinstance(module, Mapping) and not module):
+                    raise CheckpointError(
+                        "mixed layouts: layer_* files (pipeline layout) and weights under 'module' "
+                        "in this mp_rank file (sequential layout)",
+                        where=file,
+                        hint="keep the files of one save only (one layout) in the tag folder",
+                    )
+            return PIPELINE, self._pipeline_tp()
+        if self.mp_rank_files:
+            ranks = sorted(self.mp_rank_files)
+            if ranks != list(range(len(ranks))):
+                missing = sorted(set(range(ranks[-1] + 1)) - set(ranks))
+                raise CheckpointError(
+                    f"TP ranks {missing} have no mp_rank file (found ranks {ranks})",
+                    where=self.path / f"mp_rank_{missing[0]:02d}_model_states.pt",
+                    hint="copy the missing rank files; every TP rank saves its own file",
+                )
+            return SEQUENTIAL, len(ranks)
+        raise CheckpointError(
+            "no model files in this folder", where=self.path, hint=f"mapper looked for {LOOKED_FOR}"
+        )
+
+    def _pipeline_tp(self) -> int:
+        ranks_by_layer: dict[int, set[int]] = {}
+        for idx, rank in self.layer_files:
+            ranks_by_layer.setdefault(idx, set()).add(rank)
+        tp = max(max(r) for r in ranks_by_layer.values()) + 1
+        for idx in sorted(ranks_by_layer):
+            missing = sorted(set(range(tp)) - ranks_by_layer[idx])
+            if missing:
+                raise CheckpointError(
+                    f"layer {idx} has no file for TP rank(s) {missing}, while other layers have {tp} ranks",
+                    where=self.path / f"layer_{idx:02d}-model_{missing[0]:02d}-model_states.pt",
+                    hint="copy the missing file; every layer has one file per TP rank",
+                )
+        if self.mp_rank_files and len(self.mp_rank_files) != tp:
+            self.notes.append(
+                f"{self.path}: {len(self.mp_rank_files)} mp_rank files but the layer files have {tp} TP ranks"
+            )
+        return tp
+
+    def _training_state(self, file: Path) -> dict[Any, Any]:
+        state = safe_pickle.load(file, training_state=True)
+        if not isinstance(state, dict):
+            raise CheckpointError(
+                f"expected a dict of DeepSpeed state, got a {type(state).__name__}",
+                where=file,
+                hint="this does not look like a DeepSpeed mp_rank file",
+            )
+        safe_pickle.check_bytesio_placement(state, file=file)
+        return state
+
+    @property
+    def layer_indices(self) -> list[int]:
+        if self.layout == PIPELINE:
+            return sorted({idx for idx, _ in self.layer_files})
+        return sorted({located.idx for located in self._build_index().values()})
+
+    # -- loading -----------------------------------------------------------------------------
+    def _load_file(self, file: Path) -> dict[str, torch.Tensor]:
+        """The tensors of one file under their in-file keys (cached, see the module docstring)."""
+        with self._lock:
+            if file in self._cache:
+                return self._cache[file]
+            if self._legacy is not None and self._legacy[0] == file:
+                return self._legacy[1]
+            notes: list[str] = []
+            if self.layout == PIPELINE:
+                state: Any = safe_pickle.load(file)
+                tensors = safe_pickle.tensors_from_state(
+                    state, file=file, what="this layer file", notes=notes
+                )
+            else:
+                full = self._training_state(file)
+                if "module" not in full:
+                    raise CheckpointError(
+                        "no 'module' entry: this mp_rank file holds no model weights",
+                        where=file,
+                        hint="DeepSpeed saves the weights under 'module'; is this a complete checkpoint?",
+                    )
+                tensors = safe_pickle.tensors_from_state(
+                    full["module"], file=file, what="'module'", notes=notes
+                )
+            self.notes.extend(n for n in notes if n not in self.notes)
+            if safe_pickle.is_zip_file(file):
+                self._cache[file] = tensors
+            else:
+                self._legacy = (file, tensors)
+            return tensors
+
+    def _names_in(
+        self, file: Path, tensors: dict[str, torch.Tensor], rank: int, idx: int | None
+    ) -> list[tuple[str, _Located]]:
+        """(NeoX key, location) of every tensor of one file; ``idx`` None for sequential files."""
+        found: list[tuple[str, _Located]] = []
+        for inner in tensors:
+            if "@" in inner:
+                raise CheckpointError(
+                    "a key containing '@' cannot be named in mapper's key namespace",
+                    where=f"{file}:{inner}",
+                    hint="rename the key in the checkpoint",
+                )
+            layer, key = idx, inner
+            if layer is None:
+                match = SEQUENTIAL_KEY.match(inner)
+                if not match:
+                    raise CheckpointError(
+                        "a key under 'module' that is not sequential.{idx}.{key}",
+                        where=f"{file}:{inner}",
+                        hint="this is not a NeoX sequential-layout checkpoint",
+                    )
+                layer, key = int(match["idx"]), match["key"]
+            found.append((neox_key(layer, key, rank), _Located(file, inner, layer, rank, key)))
+        return found
+
+    def _build_index(self) -> dict[str, _Located]:
+        if self._index is not None:
+            return self._index
+        files: list[tuple[Path, int, int | None]]
+        if self.layout == PIPELINE:
+            files = [(file, rank, idx) for (idx, rank), file in sorted(self.layer_files.items())]
+        else:
+            files = [(file, rank, None) for rank, file in sorted(self.mp_rank_files.items())]
+        found: list[tuple[str, _Located]] = []
+        metas: dict[str, TensorMeta] = {}
+        for file, rank, idx in files:
+            tensors = self._load_file(file)
+            for name, located in self._names_in(file, tensors, rank, idx):
+                found.append((name, located))
+                metas[name] = TensorMeta.of(tensors[located.inner])
+        found.sort(key=lambda item: (item[1].idx, item[1].rank, natural_key(item[1].key)))
+        self._manifest = {name: metas[name] for name, _ in found}
+        self._index = dict(found)
+        return self._index
+
+    # -- Source ------------------------------------------------------------------------------
+    def manifest(self) -> dict[str, TensorMeta]:
+        """Every tensor's shape and dtype, from the pickles only (no tensor data is read)."""
+        self._build_index()
+        assert self._manifest is not None
+        return dict(self._manifest)
+
+    def _locate(self, key: str) -> _Located:
+        index = self._build_index()
+        if key not in index:
+            close = difflib.get_close_matches(key, list(index), n=3)
+            raise CheckpointError(
+                "no such tensor in this checkpoint",
+                where=f"{self.path}:{key}",
+                hint=f"did you mean {', '.join(close)}?" if close else "see manifest() for the keys",
+            )
+        return index[key]
+
+    def file_of(self, key: str) -> Path:
+        """The file holding ``key``."""
+        return self._locate(key).file
+
+    def get(self, key: str) -> torch.Tensor:
+        """The tensor ``key``; a view of a memory map for zip files (do not write to it)."""
+        located = self._locate(key)
+        return self._load_file(located.file)[located.inner]
+
+    def close(self) -> None:
+        """Drop the cached file maps (the manifest stays)."""
+        with self._lock:
+            self._cache.clear()
+            self._legacy = None
+
+    def __enter__(self) -> NeoXCheckpoint:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"NeoXCheckpoint({str(self.path)!r}, layout={self.layout}, tp={self.tp})"

@@ -1,0 +1,196 @@
+"""Writing GPT-NeoX checkpoints in the pipeline layout, loadable by NeoX/DeepSpeed.
+
+Output (``tag`` defaults to ``global_step0``)::
+
+    OUT/latest                                   the tag, as DeepSpeed's save_checkpoint writes it
+    OUT/<tag>/layer_XX-model_YY-model_states.pt  torch.save of a plain {key: tensor} dict
+    OUT/<tag>/mp_rank_YY_model_states.pt         DeepSpeed's per-TP-rank state (below)
+    OUT/<tag>/configs/<config_name>              the NeoX YAML config, when given
+
+Why the ``mp_rank`` files: ``DeepSpeedEngine._load_checkpoint`` globs ``mp_rank_*_model_states.pt``
+in the tag folder and loads the one of its TP rank first (``SDLoaderBase.check_ckpt_list``
+asserts there is at least one and, if it has ``mp_world_size``, that the file count equals it);
+for a pipeline model ``PipelineEngine.load_module_state_dict`` then sees ``module`` is None and
+loads the layer files (``PipelineModule.load_state_dir``). It reads ``dp_world_size``
+unconditionally; with ``load_module_only`` (NeoX: ``finetune: true``, or ``no_load_optim: true``)
+nothing else. A full resume would need optimizer, scheduler and RNG states that a converted
+model does not have, so these files hold only plain data (no class is pickled)::
+
+    module=None, buffer_names=[], optimizer=None, lr_scheduler=None,
+    sparse_tensor_module_names=set(), skipped_steps=0, global_steps=N, global_samples=0,
+    dp_world_size=1, mp_world_size=tp, iteration=N (NeoX reads it unless finetune),
+    mapper={"version": ..., "load_with": ...}
+
+NeoX's ``args`` entry is left out on purpose: ``megatron/checkpointing.py`` asserts every saved
+arg equals the running config, and a partial dict would only add ways to fail. Load the result
+with ``finetune: true`` (or ``no_load_optim: true`` and ``no_load_rng: true``).
+
+Tensors that are views of a larger storage (slices of a TP split, memory maps) are copied before
+``torch.save``, which would otherwise write the whole underlying storage.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+import mapper
+from mapper.errors import ConversionError, MapperError
+from mapper.formats.naming import layer_file_name, mp_rank_file_name, natural_key, parse_neox_key
+from mapper.formats.output import AtomicFile, Cancelled, write_bytes_atomic
+from mapper.formats.writing import PlannedFile, StagedWriter
+from mapper.tensors import Manifest
+
+TAG = re.compile(r"^[A-Za-z0-9_.+-]+$")
+LOAD_WITH = "finetune: true (or no_load_optim: true and no_load_rng: true)"
+
+
+def own_storage(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` on CPU, copied if it does not own exactly its storage (torch.save bloat)."""
+    t = tensor.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    if t.storage_offset() != 0 or not t.is_contiguous() or t.untyped_storage().nbytes() != t.nbytes:
+        t = t.clone(memory_format=torch.contiguous_format)
+    return t
+
+
+def save(obj: object, f: AtomicFile) -> None:
+    """``torch.save`` into ``f``, reporting a failed write (full disk...) rather than the error
+    torch raises when it then cannot finish the zip file."""
+    try:
+        torch.save(obj, f)  # type: ignore[arg-type]  # anything with write() and flush()
+    except BaseException:
+        f.raise_failure()
+        raise
+
+
+def iteration_of(tag: str) -> int:
+    match = re.fullmatch(r"global_step(\d+)", tag)
+    return int(match.group(1)) if match else 0
+
+
+def mp_rank_state(tp: int, iteration: int) -> dict[str, Any]:
+    """The plain-data DeepSpeed state of one TP rank (see the module docstring)."""
+    return {
+        "module": None,
+        "buffer_names": [],
+        "optimizer": None,
+        "lr_scheduler": None,
+        "sparse_tensor_module_names": set(),
+        "skipped_steps": 0,
+        "global_steps": iteration,
+        "global_samples": 0,
+        "dp_world_size": 1,
+        "mp_world_size": tp,
+        "iteration": iteration,
+        "mapper": {"version": mapper.__version__, "load_with": LOAD_WITH},
+    }
+
+
+class NeoXWriter(StagedWriter):
+    """A Sink writing a NeoX pipeline-layout checkpoint from ``layer_XX.K@rankR`` keys."""
+
+    kind = "neox"
+
+    def __init__(
+        self,
+        out_dir: str | Path,
+        *,
+        yaml_config: dict[str, Any] | None,
+        tp: int,
+        tag: str = "global_step0",
+        config_name: str = "config.yml",
+        parts: tuple[int, int] | None = None,
+        force: bool = False,
+        inputs: Iterable[str | Path] = (),
+        background: bool = True,
+    ):
+        if not isinstance(tp, int) or tp < 1:
+            raise ConversionError(f"tp={tp!r} must be a positive integer", hint="the number of TP ranks")
+        for name, value in (("tag", tag), ("config_name", config_name)):
+            if not TAG.match(value) or value in (".", ".."):
+                raise ConversionError(
+                    f"{name}={value!r} is not a plain file name",
+                    hint="use letters, digits and _ . + - only, e.g. global_step0",
+                )
+        self.yaml_config = dict(yaml_config) if yaml_config is not None else None
+        self.tp = tp
+        self.tag = tag
+        self.config_name = config_name
+        super().__init__(out_dir, parts=parts, force=force, inputs=inputs, background=background)
+
+    def _options(self) -> dict[str, Any]:
+        return {
+            "yaml_config": self.yaml_config,
+            "tp": self.tp,
+            "tag": self.tag,
+            "config_name": self.config_name,
+        }
+
+    def _plan(self, manifest: Manifest) -> list[PlannedFile]:
+        if not manifest:
+            raise ConversionError("nothing to write: the target manifest is empty", hint="check the rule set")
+        files: dict[tuple[int, int], list[str]] = defaultdict(list)
+        for key in manifest:
+            try:
+                name = parse_neox_key(key)
+            except MapperError as exc:
+                raise ConversionError(exc.message, where=key, hint=exc.hint) from exc
+            if name.rank >= self.tp:
+                raise ConversionError(
+                    f"TP rank {name.rank} but the writer was given tp={self.tp}",
+                    where=key,
+                    hint="pass the number of TP ranks the rules produce as tp",
+                )
+            files[(name.idx, name.rank)].append(key)
+        layers = sorted({idx for idx, _ in files})
+        missing = [(idx, r) for idx in layers for r in range(self.tp) if (idx, r) not in files]
+        if missing:
+            shown = ", ".join(f"layer {i} rank {r}" for i, r in missing[:10])
+            raise ConversionError(
+                f"{len(missing)} layer files would be missing a TP rank ({shown})",
+                where=f"layer_{missing[0][0]:02d}",
+                hint=f"every layer needs tensors for all {self.tp} TP ranks",
+            )
+        plan = []
+        for idx, rank in sorted(files):
+            keys = sorted(files[(idx, rank)], key=natural_key)
+            plan.append(
+                PlannedFile(
+                    f"{self.tag}/{layer_file_name(idx, rank)}", tuple(keys), tuple(manifest[k] for k in keys)
+                )
+            )
+        return plan
+
+    def _write_file(
+        self, folder: Path, planned: PlannedFile, tensors: Mapping[str, torch.Tensor], stop: threading.Event
+    ) -> None:
+        if stop.is_set():
+            raise Cancelled(f"writing was cancelled before {planned.name}")
+        state = {parse_neox_key(key).key: own_storage(tensors[key]) for key in planned.keys}
+        path = folder / planned.name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with AtomicFile(path, needed=planned.nbytes, total=self._total_bytes()) as f:
+            save(state, f)
+
+    @classmethod
+    def _write_extras(cls, folder: Path, plan: Sequence[PlannedFile], options: Mapping[str, Any]) -> None:
+        tag, tp = str(options["tag"]), int(options["tp"])
+        tag_dir = folder / tag
+        tag_dir.mkdir(parents=True, exist_ok=True)
+        for rank in range(tp):
+            with AtomicFile(tag_dir / mp_rank_file_name(rank)) as f:
+                save(mp_rank_state(tp, iteration_of(tag)), f)
+        if options.get("yaml_config") is not None:
+            (tag_dir / "configs").mkdir(exist_ok=True)
+            text = yaml.safe_dump(options["yaml_config"], sort_keys=False)
+            write_bytes_atomic(tag_dir / "configs" / str(options["config_name"]), text.encode("utf-8"))
+        write_bytes_atomic(folder / "latest", tag.encode("utf-8"))

@@ -1,0 +1,323 @@
+"""Atomic output: every file, and the output folder itself, appears complete or not at all.
+
+- A file is written under a temporary name beside its final name (:class:`AtomicFile`), fsynced
+  and renamed into place; on any error the temporary file is removed.
+- The output folder ``OUT`` is built in a hidden sibling staging folder
+  ``.OUT.mapper-staging-<host>-<pid>`` (:class:`StagingFolder`) and renamed to ``OUT`` only when
+  everything is written, so a reader of ``OUT`` never sees half an output. On an error, a
+  KeyboardInterrupt, garbage collection of the writer or interpreter exit, the staging folder is
+  removed; if the process was killed outright, the next run removes staging folders of dead
+  processes on the same host (:func:`clean_stale_staging`).
+- ``OUT`` may not be, lie inside, or contain an input folder (:func:`check_output_path`), and an
+  existing ``OUT`` is replaced only with ``force=True`` and only after the new one is complete.
+- A full disk is a :class:`~mapper.errors.ConversionError` saying how many bytes were needed.
+
+Multi-machine parts share one staging folder, ``.OUT.mapper-parts`` (no host or pid in the name,
+so every machine of a job array finds it); see :mod:`mapper.formats.writing`.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import secrets
+import shutil
+import socket
+import weakref
+from collections.abc import Iterable
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from mapper.errors import ConversionError
+
+HOST = re.sub(r"[^A-Za-z0-9_.-]", "_", socket.gethostname()) or "host"
+CHUNK = 1 << 30  # Linux writes at most ~2 GiB per write(2); stay well below.
+_DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+
+
+class Cancelled(Exception):
+    """A write stopped on purpose (another thread failed or the run was interrupted)."""
+
+
+def staging_path(out: Path) -> Path:
+    """A private staging folder for ``out`` (host and pid let a later run spot dead ones)."""
+    return out.parent / f".{out.name}.mapper-staging-{HOST}-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def parts_staging_path(out: Path) -> Path:
+    """The staging folder all parts of a multi-machine run share."""
+    return out.parent / f".{out.name}.mapper-parts"
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale_staging(out: Path) -> list[Path]:
+    """Remove staging folders for ``out`` left by dead processes of this host.
+
+    A ``.OUT.mapper-old-*`` folder of a dead process is the previous ``OUT`` moved aside by a
+    ``force`` replacement that was killed half-way: it is moved back if ``OUT`` is missing.
+    Returns what was removed or restored.
+    """
+    pattern = re.compile(
+        rf"^\.{re.escape(out.name)}\.mapper-(?P<what>staging|old)-{re.escape(HOST)}-(?P<pid>\d+)"
+        r"(-[0-9a-f]+)?$"
+    )
+    touched: list[Path] = []
+    if not out.parent.is_dir():
+        return touched
+    for entry in out.parent.iterdir():
+        match = pattern.match(entry.name)
+        if not match or int(match["pid"]) == os.getpid() or pid_alive(int(match["pid"])):
+            continue
+        if match["what"] == "old" and not out.exists():
+            os.rename(entry, out)
+        else:
+            shutil.rmtree(entry, ignore_errors=True)
+        touched.append(entry)
+    return touched
+
+
+def _resolved(path: str | Path) -> Path:
+    return Path(path).expanduser().resolve()
+
+
+def check_output_path(out: str | Path, *, inputs: Iterable[str | Path] = (), force: bool = False) -> Path:
+    """The absolute output folder, after refusing the outputs that would lose data."""
+    target = _resolved(out)
+    for given in inputs:
+        source = _resolved(given)
+        if target == source or source in target.parents:
+            raise ConversionError(
+                f"the output folder {target} is {'the' if target == source else 'inside the'} "
+                f"input folder {source}",
+                where=target,
+                hint="write the output next to the input, not into it",
+            )
+        if target in source.parents:
+            raise ConversionError(
+                f"the output folder {target} contains the input folder {source}; replacing it "
+                "would delete the input",
+                where=target,
+                hint="choose an output folder outside the input's parents",
+            )
+    if target.exists() or target.is_symlink():
+        if not target.is_dir() or target.is_symlink():
+            raise ConversionError(
+                f"{target} exists and is not a folder; mapper only replaces folders",
+                where=target,
+                hint="remove it or choose another output path",
+            )
+        if not force:
+            raise ConversionError(
+                f"the output folder {target} already exists",
+                where=target,
+                hint="choose another output folder, or pass force=True (--force) to replace it "
+                "once the new output is complete",
+            )
+    return target
+
+
+def free_bytes(folder: Path) -> int | None:
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return None
+
+
+def disk_full_error(path: Path, *, written: int, needed: int | None, total: int | None) -> ConversionError:
+    free = free_bytes(path.parent)
+    parts = [f"the disk is full: writing {path.name} stopped after {written} bytes"]
+    if needed is not None:
+        parts.append(f"this file needs {needed} bytes")
+    if total is not None:
+        parts.append(f"the whole output needs {total} bytes")
+    if free is not None:
+        parts.append(f"{free} bytes are free there now")
+    return ConversionError(
+        "; ".join(parts) + ". Nothing was left behind.",
+        where=path.parent,
+        hint="free disk space or write the output to another filesystem",
+    )
+
+
+def check_free_space(folder: Path, needed: int) -> None:
+    """Fail before writing anything when the output clearly cannot fit."""
+    free = free_bytes(folder)
+    if free is not None and free < needed:
+        raise ConversionError(
+            f"the output needs {needed} bytes but only {free} bytes are free in {folder}",
+            where=folder,
+            hint="free disk space or write the output to another filesystem",
+        )
+
+
+def fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class AtomicFile:
+    """A binary file written under a temporary name and renamed into place by :meth:`commit`.
+
+    ``write`` takes any bytes-like object and hands it to ``write(2)`` without copying it
+    (``torch.save`` can write into this object too). ``needed``/``total`` only feed the message
+    of a disk-full error.
+    """
+
+    def __init__(self, path: Path, *, needed: int | None = None, total: int | None = None):
+        self.path = path
+        self.tmp = path.with_name(f".{path.name}.tmp-{HOST}-{os.getpid()}-{secrets.token_hex(4)}")
+        self.needed = needed
+        self.total = total
+        self.written = 0
+        self.failure: BaseException | None = None
+        self._fd: int | None = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+
+    def write(self, data: Any) -> int:
+        if self._fd is None:
+            raise ValueError(f"{self.path} is closed")
+        view = memoryview(data)
+        if view.ndim != 1 or view.itemsize != 1 or not view.contiguous:
+            view = view.cast("B")
+        total = len(view)
+        offset = 0
+        try:
+            while offset < total:
+                offset += os.write(self._fd, view[offset : offset + CHUNK])
+        except OSError as exc:
+            self.written += offset
+            if exc.errno in _DISK_FULL:
+                error = disk_full_error(self.path, written=self.written, needed=self.needed, total=self.total)
+            else:
+                error = ConversionError(
+                    f"cannot write {self.path.name}: {exc}",
+                    where=self.path,
+                    hint="check the output filesystem (permissions, quota, mount)",
+                )
+            self.failure = error
+            raise error from exc
+        except BaseException as exc:
+            self.failure = exc
+            raise
+        self.written += total
+        return total
+
+    def raise_failure(self) -> None:
+        """Re-raise the error of a failed :meth:`write`, which a caller such as ``torch.save``
+        may have replaced by an error of its own while cleaning up."""
+        if self.failure is not None:
+            raise self.failure
+
+    def flush(self) -> None:
+        """Nothing is buffered (writes go straight to the file); here for ``torch.save``."""
+
+    def commit(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is None:
+            raise ValueError(f"{self.path} is closed")
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(self.tmp, self.path)
+
+    def discard(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
+        try:
+            os.unlink(self.tmp)
+        except FileNotFoundError:
+            pass
+
+    def __enter__(self) -> AtomicFile:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if kind is None:
+            self.commit()
+        else:
+            self.discard()
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    with AtomicFile(path, needed=len(data)) as f:
+        f.write(data)
+
+
+def _remove_tree(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+class StagingFolder:
+    """A hidden sibling of ``out`` that becomes ``out`` on :meth:`commit` and vanishes otherwise.
+
+    ``shared=True`` is the staging folder of a multi-machine run: it is not tied to this process,
+    so it is neither removed on garbage collection nor by :meth:`abort` (each part removes only
+    its own files; see :mod:`mapper.formats.writing`).
+    """
+
+    def __init__(self, out: Path, *, force: bool = False, shared: bool = False):
+        self.out = out
+        self.force = force
+        self.shared = shared
+        self.path = parts_staging_path(out) if shared else staging_path(out)
+        self._cleanup: weakref.finalize | None = None
+
+    def create(self) -> Path:
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        clean_stale_staging(self.out)
+        if self.shared:
+            self.path.mkdir(exist_ok=True)
+        else:
+            self.path.mkdir()
+            self._cleanup = weakref.finalize(self, _remove_tree, self.path)
+        return self.path
+
+    def commit(self) -> Path:
+        """Rename the staging folder to ``out``; an existing ``out`` is replaced only now."""
+        check_output_path(self.out, force=self.force)
+        fsync_dir(self.path)
+        if self.out.exists():
+            old = self.out.parent / f".{self.out.name}.mapper-old-{HOST}-{os.getpid()}-{secrets.token_hex(4)}"
+            os.rename(self.out, old)
+            try:
+                os.rename(self.path, self.out)
+            except BaseException:
+                os.rename(old, self.out)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(self.path, self.out)
+        if self._cleanup is not None:
+            self._cleanup.detach()
+        fsync_dir(self.out.parent)
+        return self.out
+
+    def abort(self) -> None:
+        if self.shared:
+            return
+        if self._cleanup is not None:
+            self._cleanup()
+        else:
+            _remove_tree(self.path)

@@ -1,0 +1,264 @@
+"""The safetensors file format, read and written by hand: validated headers, streamed data.
+
+Layout: an 8-byte little-endian header length ``N``, ``N`` bytes of JSON (``{key: {"dtype",
+"shape", "data_offsets": [begin, end]}, "__metadata__": {str: str}}``, space-padded), then the
+data; offsets are relative to the end of the header. Reading validates the header the way the
+reference implementation does (the tensors tile the data region exactly: no overlap, no hole,
+nothing past the end of the file) so a truncated or lying file is an error naming the file and
+the tensor, not a crash or garbage. Writing streams each tensor's bytes from its own memory into
+the file; there is never a whole-file buffer.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import struct
+import sys
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mapper.errors import CheckpointError, ConversionError
+from mapper.formats.naming import natural_key
+from mapper.formats.output import Cancelled
+from mapper.tensors import TensorMeta
+
+MAX_HEADER = 100_000_000  # the reference implementation's limit
+
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "BOOL": torch.bool,
+    "U8": torch.uint8,
+    "I8": torch.int8,
+    "I16": torch.int16,
+    "I32": torch.int32,
+    "I64": torch.int64,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F32": torch.float32,
+    "F64": torch.float64,
+}
+for _name, _attr in (
+    ("U16", "uint16"),
+    ("U32", "uint32"),
+    ("U64", "uint64"),
+    ("F8_E4M3", "float8_e4m3fn"),
+    ("F8_E5M2", "float8_e5m2"),
+):
+    if hasattr(torch, _attr):
+        SAFETENSORS_DTYPES[_name] = getattr(torch, _attr)
+SAFETENSORS_NAMES: dict[torch.dtype, str] = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One tensor of a safetensors file: its metadata and absolute byte range in the file."""
+
+    meta: TensorMeta
+    start: int
+    end: int
+
+
+@dataclass(frozen=True)
+class Header:
+    path: Path
+    entries: dict[str, Entry]
+    metadata: dict[str, str]
+
+
+def _bad(path: Path, message: str, key: str | None = None) -> CheckpointError:
+    where = f"{path}:{key}" if key else path
+    return CheckpointError(
+        message,
+        where=where,
+        hint="the file is truncated or was not written by a safetensors writer; copy or export it again",
+    )
+
+
+def _entry(path: Path, key: str, raw: Any) -> tuple[TensorMeta, int, int]:
+    if not isinstance(raw, dict):
+        raise _bad(path, f"header entry for {key!r} is a {type(raw).__name__}, expected an object", key)
+    dtype_name, shape, offsets = raw.get("dtype"), raw.get("shape"), raw.get("data_offsets")
+    if dtype_name not in SAFETENSORS_DTYPES:
+        raise _bad(path, f"unknown dtype {dtype_name!r} (known: {', '.join(SAFETENSORS_DTYPES)})", key)
+    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+        raise _bad(path, f"shape {shape!r} is not a list of non-negative integers", key)
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+        or not 0 <= offsets[0] <= offsets[1]
+    ):
+        raise _bad(path, f"data_offsets {offsets!r} are not [begin, end] with 0 <= begin <= end", key)
+    meta = TensorMeta(tuple(shape), SAFETENSORS_DTYPES[dtype_name])
+    if offsets[1] - offsets[0] != meta.nbytes:
+        raise _bad(
+            path,
+            f"data_offsets {offsets} span {offsets[1] - offsets[0]} bytes but a {meta} tensor "
+            f"has {meta.nbytes}",
+            key,
+        )
+    return meta, offsets[0], offsets[1]
+
+
+def read_header(path: Path) -> Header:
+    """Parse and validate the header of ``path`` without reading any tensor data."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise _bad(path, f"only {size} bytes: too short for a safetensors file")
+        (n,) = struct.unpack("<Q", head)
+        if n > MAX_HEADER:
+            raise _bad(path, f"header length {n} exceeds the {MAX_HEADER}-byte limit")
+        if 8 + n > size:
+            raise _bad(path, f"header length {n} but the file has only {size} bytes")
+        raw = f.read(n)
+    try:
+        parsed = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise _bad(path, f"the header is not valid JSON ({exc})") from exc
+    if not isinstance(parsed, dict):
+        raise _bad(path, "the header is not a JSON object")
+    metadata = parsed.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
+        raise _bad(path, "__metadata__ must map strings to strings")
+    data_start, data_len = 8 + n, size - 8 - n
+    spans = sorted(
+        ((*_entry(path, key, raw), key) for key, raw in parsed.items()), key=lambda e: (e[1], e[2])
+    )
+    cursor, previous = 0, None
+    for meta, begin, end, key in spans:
+        if begin < cursor:
+            raise _bad(
+                path,
+                f"data_offsets [{begin}, {end}] overlap tensor {previous!r} (which ends at {cursor})",
+                key,
+            )
+        if begin > cursor:
+            raise _bad(path, f"data_offsets [{begin}, {end}] leave a hole after byte {cursor}", key)
+        if end > data_len:
+            raise _bad(
+                path,
+                f"data_offsets [{begin}, {end}] point past the end of the file (the data region "
+                f"has {data_len} bytes): truncated file?",
+                key,
+            )
+        cursor, previous = end, key
+    if cursor != data_len:
+        raise _bad(path, f"{data_len - cursor} bytes after the last tensor are not described by the header")
+    entries = {
+        key: Entry(meta, data_start + begin, data_start + end)
+        for meta, begin, end, key in sorted(spans, key=lambda e: natural_key(e[3]))
+    }
+    return Header(path, entries, dict(metadata))
+
+
+class MappedFile:
+    """A read-only (copy-on-write) memory map of one file, opened on first use."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._map: mmap.mmap | None = None
+        self._lock = threading.Lock()
+
+    def tensor(self, entry: Entry) -> torch.Tensor:
+        """The tensor at ``entry`` as a view of the map (no copy unless misaligned)."""
+        meta = entry.meta
+        if meta.numel == 0:
+            return torch.empty(meta.shape, dtype=meta.dtype)
+        with self._lock:
+            if self._map is None:
+                with open(self.path, "rb") as f:
+                    self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        flat = torch.frombuffer(
+            self._map, dtype=torch.uint8, count=entry.end - entry.start, offset=entry.start
+        )
+        itemsize = flat.new_empty((), dtype=meta.dtype).element_size()
+        if flat.data_ptr() % itemsize:
+            flat = flat.clone()
+        return flat.view(meta.dtype).reshape(meta.shape)
+
+
+def tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """The raw little-endian bytes of ``tensor``, without a copy when it is contiguous on CPU."""
+    t = tensor.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    t = t.contiguous()
+    if t.numel() == 0:
+        return memoryview(b"")
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
+
+
+def itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def data_order(keys: Sequence[str], metas: Mapping[str, TensorMeta]) -> list[str]:
+    """Largest element size first, so every tensor starts at a multiple of its element size."""
+    return sorted(keys, key=lambda k: (-itemsize(metas[k].dtype), natural_key(k)))
+
+
+def header_bytes(keys: Sequence[str], metas: Mapping[str, TensorMeta], metadata: Mapping[str, str]) -> bytes:
+    """The length prefix and JSON header for ``keys`` laid out in that order, padded to 8 bytes."""
+    header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for key in keys:
+        meta = metas[key]
+        if meta.dtype not in SAFETENSORS_NAMES:
+            raise ConversionError(
+                f"safetensors cannot store dtype {meta.dtype}",
+                where=key,
+                hint=f"cast it to one of: {', '.join(str(d) for d in SAFETENSORS_NAMES)}",
+            )
+        header[key] = {
+            "dtype": SAFETENSORS_NAMES[meta.dtype],
+            "shape": list(meta.shape),
+            "data_offsets": [offset, offset + meta.nbytes],
+        }
+        offset += meta.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-(len(raw) + 8) % 8)
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def file_size(keys: Sequence[str], metas: Mapping[str, TensorMeta], metadata: Mapping[str, str]) -> int:
+    return len(header_bytes(keys, metas, metadata)) + sum(metas[k].nbytes for k in keys)
+
+
+def write_safetensors(
+    f: Any,
+    tensors: Mapping[str, torch.Tensor],
+    metadata: Mapping[str, str],
+    *,
+    stop: threading.Event | None = None,
+) -> None:
+    """Stream ``tensors`` into the writable ``f`` (anything with ``write(bytes-like)``).
+
+    ``stop`` lets another thread cancel between tensors (a KeyboardInterrupt, another error).
+    """
+    if sys.byteorder != "little":
+        raise ConversionError(
+            "writing safetensors needs a little-endian machine", hint="run on x86-64 or ARM64"
+        )
+    metas = {key: TensorMeta.of(t) for key, t in tensors.items()}
+    order = data_order(list(tensors), metas)
+    f.write(header_bytes(order, metas, metadata))
+    for key in order:
+        if stop is not None and stop.is_set():
+            raise Cancelled(f"writing was cancelled before {key}")
+        view = tensor_bytes(tensors[key])
+        if len(view) != metas[key].nbytes:
+            raise ConversionError(
+                f"tensor has {len(view)} bytes, expected {metas[key].nbytes}",
+                where=key,
+                hint="this is a bug in mapper's writer; please report it",
+            )
+        f.write(view)

@@ -1,0 +1,502 @@
+"""What the HF and NeoX writers share: plan, validate, write in the background, stage, split.
+
+A writer is a :class:`~mapper.tensors.Sink`. ``groups(manifest)`` plans the output files (one
+group of target keys per file); the engine then calls ``write_group(i, tensors)`` once per group
+and ``finalize()`` at the end (or uses the writer as a context manager: leaving the ``with``
+block normally finalizes, leaving it by an exception, KeyboardInterrupt included, aborts).
+
+Overlap. ``write_group`` checks the tensors (keys, shapes, dtypes) at once and hands the file to
+one background thread. Before handing over group ``i+1`` it waits until group ``i`` is on disk,
+so at most two groups are alive: the one being written and the one the engine is building.
+``finalize()`` waits for the thread and re-raises its error; an error in the thread also
+surfaces at the next ``write_group``.
+
+Atomicity. Files go into a staging folder (:mod:`mapper.formats.output`) that becomes the output
+folder only when complete; on any error it is removed.
+
+Multi-machine parts. Parts are numbered 1..N like ``mapper.engine.execute(part=(I, N))``, which
+converts only part I's groups; give the writer the same ``parts=(I, N)``. ``groups()`` still
+returns all F groups (the engine checks they cover the target), and part I owns the contiguous
+block of group indices ``F*(I-1)//N`` up to ``F*I//N`` (exclusive) (:func:`part_range`, the
+engine's ``part_groups``); ``write_group`` takes those global indices and refuses others. Every
+part writes into one staging folder shared through the filesystem, ``.OUT.mapper-parts`` beside
+``OUT``. A part records the plan it used in
+``.mapper/plan.json`` (a part planned differently, from another input, rule set or options, is
+refused) and, at ``finalize()``, a marker ``.mapper/part-IIIII-of-NNNNN.json`` with the sizes of
+its files; it renames nothing. A failed part removes its own files and marker: run it again.
+When all parts are done, one separate call, ``HFWriter.finalize_parts(OUT)`` or
+``NeoXWriter.finalize_parts(OUT)``, checks that all N markers exist, agree on the plan and that
+every planned file has its recorded size, writes the files that need the whole plan (HF index
+and ``config.json``; NeoX ``mp_rank`` files, ``latest``, ``configs/``) and renames the staging
+folder to ``OUT``. With Slurm, run the parts as a job array (``sbatch --array=1-N``), part
+``(int($SLURM_ARRAY_TASK_ID), N)`` on each task, and the finalize step as a job that depends on
+the array (``sbatch --dependency=afterok:<array job id>``). To start over, delete
+``.OUT.mapper-parts``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import queue
+import shutil
+import threading
+import weakref
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any, ClassVar
+
+import torch
+
+from mapper.errors import ConversionError
+from mapper.formats.output import (
+    StagingFolder,
+    check_free_space,
+    check_output_path,
+    parts_staging_path,
+    write_bytes_atomic,
+)
+from mapper.tensors import Manifest, TensorMeta, dtype_from_name, dtype_name
+
+META_DIR = ".mapper"
+
+
+@dataclass(frozen=True)
+class PlannedFile:
+    """One output file: its path inside the output folder and the tensors it holds, in order."""
+
+    name: str
+    keys: tuple[str, ...]
+    metas: tuple[TensorMeta, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(m.nbytes for m in self.metas)
+
+    def meta_of(self) -> dict[str, TensorMeta]:
+        return dict(zip(self.keys, self.metas))
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "keys": list(self.keys),
+            "shapes": [list(m.shape) for m in self.metas],
+            "dtypes": [dtype_name(m.dtype) for m in self.metas],
+        }
+
+    @classmethod
+    def from_json(cls, raw: Mapping[str, Any]) -> PlannedFile:
+        metas = tuple(
+            TensorMeta(tuple(shape), dtype_from_name(dtype))
+            for shape, dtype in zip(raw["shapes"], raw["dtypes"])
+        )
+        return cls(str(raw["name"]), tuple(raw["keys"]), metas)
+
+
+def part_range(count: int, part: tuple[int, int] | None) -> range:
+    """The contiguous block of ``count`` group indices that part ``I`` of ``N`` (1-based) writes.
+
+    The same split as ``mapper.engine.execute.part_groups``, so engine and writer agree.
+    """
+    if part is None:
+        return range(count)
+    index, total = part
+    return range(count * (index - 1) // total, count * index // total)
+
+
+def check_parts(parts: tuple[int, int] | None) -> tuple[int, int] | None:
+    if parts is None:
+        return None
+    index, total = parts
+    if not (isinstance(index, int) and isinstance(total, int) and 1 <= index <= total):
+        raise ConversionError(
+            f"parts={parts!r} is not (I, N) with 1 <= I <= N",
+            hint="parts are numbered 1..N, like SLURM_ARRAY_TASK_ID with sbatch --array=1-N",
+        )
+    return index, total
+
+
+def marker_name(index: int, total: int) -> str:
+    return f"part-{index:05d}-of-{total:05d}.json"
+
+
+class BackgroundWriter:
+    """One worker thread writing groups in order, at most one at a time.
+
+    :meth:`submit` waits until the previous group is written before handing over the next one,
+    so the caller builds group ``i+1`` while group ``i`` is written and never gets further ahead.
+    """
+
+    def __init__(self, write: Callable[[int, Mapping[str, torch.Tensor]], None], *, name: str):
+        # A weak reference, so an abandoned writer can be collected (and its staging removed).
+        self._write = weakref.WeakMethod(write)  # type: ignore[arg-type]
+        self._name = name
+        self._queue: queue.Queue[tuple[int, Mapping[str, torch.Tensor]] | None] = queue.Queue()
+        self.stop = threading.Event()
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            write = None
+            try:
+                if item is None:
+                    return
+                write = self._write()
+                if write is not None and self._error is None and not self.stop.is_set():
+                    write(*item)
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
+                self._error = exc
+                self.stop.set()
+            finally:
+                item = write = None  # hold neither the tensors nor the writer while idle
+                self._queue.task_done()
+
+    def raise_error(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def submit(self, index: int, tensors: Mapping[str, torch.Tensor]) -> None:
+        self._queue.join()
+        self.raise_error()
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
+            self._thread.start()
+        self._queue.put((index, tensors))
+
+    def close(self) -> None:
+        """Wait for every submitted group; re-raise the worker's error."""
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
+        self.raise_error()
+
+    def shutdown(self) -> None:
+        """Let the thread end once idle, without waiting (for an abandoned writer)."""
+        self.stop.set()
+        self._queue.put(None)
+
+    def cancel(self) -> None:
+        """Stop after the tensor being written; drop what is queued."""
+        self.stop.set()
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
+
+
+def plan_digest(document: Mapping[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(document, sort_keys=True).encode()).hexdigest()
+
+
+def read_json(path: Path) -> Any:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def write_json(path: Path, data: Any) -> None:
+    write_bytes_atomic(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode("utf-8"))
+
+
+class StagedWriter:
+    """Base of the HF and NeoX writers (see the module docstring for the life cycle)."""
+
+    kind: ClassVar[str] = ""
+
+    def __init__(
+        self,
+        out_dir: str | Path,
+        *,
+        parts: tuple[int, int] | None = None,
+        force: bool = False,
+        inputs: Iterable[str | Path] = (),
+        background: bool = True,
+    ):
+        self.parts = check_parts(parts)
+        self.force = force
+        self.out = check_output_path(out_dir, inputs=inputs, force=force)
+        self.background = background
+        self._staging = StagingFolder(self.out, force=force, shared=self.parts is not None)
+        self._plan_all: list[PlannedFile] = []
+        self._mine: range = range(0)
+        self._written: set[int] = set()
+        self._files_done: list[Path] = []
+        self._worker: BackgroundWriter | None = None
+        self._state = "new"
+        self._result: Path | None = None
+        self._digest = ""
+
+    # -- hooks for subclasses -------------------------------------------------------------
+    def _plan(self, manifest: Manifest) -> list[PlannedFile]:
+        raise NotImplementedError
+
+    def _options(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _write_file(
+        self, folder: Path, planned: PlannedFile, tensors: Mapping[str, torch.Tensor], stop: threading.Event
+    ) -> None:
+        raise NotImplementedError
+
+    @classmethod
+    def _write_extras(cls, folder: Path, plan: Sequence[PlannedFile], options: Mapping[str, Any]) -> None:
+        raise NotImplementedError
+
+    # -- Sink -----------------------------------------------------------------------------
+    @property
+    def staging(self) -> Path:
+        """Where files are written before they appear in the output folder."""
+        return self._staging.path
+
+    def groups(self, manifest: Manifest) -> list[list[str]]:
+        """Plan all output files and return every file's keys (a part writes only its block)."""
+        if self._state != "new":
+            raise ConversionError(
+                "groups() was already called on this writer", where=self.out, hint="use one writer per output"
+            )
+        plan = self._plan(manifest)
+        self._plan_all = plan
+        self._mine = part_range(len(plan), self.parts)
+        self._state = "planned"
+        try:
+            self._staging.create()
+            check_free_space(self.staging, self._total_bytes())
+            if self.parts:
+                self._record_plan(plan)
+        except BaseException:
+            self.abort()
+            raise
+        return [list(p.keys) for p in plan]
+
+    def write_group(self, index: int, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Check group ``index``'s tensors against the plan, then write (or queue) its file."""
+        if self._state != "planned":
+            raise ConversionError(
+                f"write_group({index}) on a writer that is {self._state}",
+                where=self.out,
+                hint="call groups(manifest) first, and write each group once before finalize()",
+            )
+        try:
+            self._check_group(index, tensors)
+            self._written.add(index)
+            if self.background:
+                if self._worker is None:
+                    self._worker = BackgroundWriter(self._write_one, name=f"mapper-{self.kind}-writer")
+                    weakref.finalize(self, self._worker.shutdown)
+                self._worker.submit(index, tensors)
+            else:
+                self._write_one(index, tensors)
+        except BaseException:
+            self.abort()
+            raise
+
+    def finalize(self) -> Path | None:
+        """Wait for the writes; then commit the output folder (or, for a part, its marker).
+
+        Returns the output folder, or None for a part (see :meth:`finalize_parts`).
+        """
+        if self._state == "done":
+            return self._result
+        if self._state != "planned":
+            raise ConversionError(
+                f"finalize() on a writer that is {self._state}", where=self.out, hint="call groups() first"
+            )
+        try:
+            if self._worker is not None:
+                self._worker.close()
+            missing = [i for i in self._mine if i not in self._written]
+            if missing:
+                raise ConversionError(
+                    f"{len(missing)} of {len(self._mine)} groups were never written "
+                    f"(first: {self._plan_all[missing[0]].name})",
+                    where=self.out,
+                    hint="call write_group for every group returned by groups()",
+                )
+            if self.parts:
+                self._write_marker()
+                self._result = None
+            else:
+                self._write_extras(self.staging, self._plan_all, self._options())
+                self._result = self._staging.commit()
+        except BaseException:
+            self.abort()
+            raise
+        self._state = "done"
+        return self._result
+
+    def abort(self) -> None:
+        """Stop writing and remove what this writer wrote; the output folder is untouched."""
+        if self._state in ("done", "aborted"):
+            return
+        self._state = "aborted"
+        if self._worker is not None:
+            self._worker.cancel()
+        if self.parts:
+            for path in self._files_done:
+                path.unlink(missing_ok=True)
+            self._marker_path().unlink(missing_ok=True)
+        else:
+            self._staging.abort()
+
+    def __enter__(self) -> StagedWriter:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if kind is not None:
+            self.abort()
+        elif self._state == "planned":
+            self.finalize()
+
+    # -- internals ------------------------------------------------------------------------
+    def _check_group(self, index: int, tensors: Mapping[str, torch.Tensor]) -> None:
+        if index not in self._mine:
+            owner = "" if not 0 <= index < len(self._plan_all) else " (it belongs to another part)"
+            raise ConversionError(
+                f"group index {index} is not one this writer writes{owner}; it writes {self._mine}",
+                where=self.out,
+                hint="use the indices of the list groups() returned, and the same parts=(I, N) "
+                "for the engine and the writer",
+            )
+        if index in self._written:
+            raise ConversionError(
+                f"group {index} was already written", where=self.out, hint="write each group once"
+            )
+        planned = self._plan_all[index]
+        expected = planned.meta_of()
+        missing = [k for k in planned.keys if k not in tensors]
+        unexpected = [k for k in tensors if k not in expected]
+        if missing or unexpected:
+            raise ConversionError(
+                f"group {index} ({planned.name}) got the wrong keys: missing {missing[:5]}, "
+                f"unexpected {unexpected[:5]}",
+                where=planned.name,
+                hint="pass exactly the keys groups() listed for this index",
+            )
+        for key, meta in expected.items():
+            tensor = tensors[key]
+            if not isinstance(tensor, torch.Tensor):
+                raise ConversionError(
+                    f"got a {type(tensor).__name__}, expected a tensor", where=key, hint="pass torch tensors"
+                )
+            got = TensorMeta.of(tensor)
+            if got != meta:
+                raise ConversionError(
+                    f"got {got}, but the manifest given to groups() said {meta}",
+                    where=key,
+                    hint="the tensors must match the planned manifest exactly",
+                )
+
+    def _write_one(self, index: int, tensors: Mapping[str, torch.Tensor]) -> None:
+        planned = self._plan_all[index]
+        stop = self._worker.stop if self._worker is not None else threading.Event()
+        self._write_file(self.staging, planned, tensors, stop)
+        self._files_done.append(self.staging / planned.name)
+
+    def _total_bytes(self) -> int:
+        """The tensor bytes this writer (or part) writes."""
+        return sum(self._plan_all[i].nbytes for i in self._mine)
+
+    def _plan_document(self, plan: Sequence[PlannedFile]) -> dict[str, Any]:
+        assert self.parts is not None
+        return {
+            "kind": self.kind,
+            "parts": self.parts[1],
+            "files": [p.to_json() for p in plan],
+            "options": self._options(),
+        }
+
+    def _marker_path(self) -> Path:
+        assert self.parts is not None
+        return self.staging / META_DIR / marker_name(*self.parts)
+
+    def _record_plan(self, plan: Sequence[PlannedFile]) -> None:
+        document = self._plan_document(plan)
+        digest = plan_digest(document)
+        meta = self.staging / META_DIR
+        meta.mkdir(exist_ok=True)
+        self._marker_path().unlink(missing_ok=True)
+        plan_path = meta / "plan.json"
+        if plan_path.exists():
+            recorded = read_json(plan_path).get("sha256")
+            if recorded != digest:
+                raise ConversionError(
+                    f"the shared staging folder {self.staging} holds parts of a different plan "
+                    "(other input, rules or options)",
+                    where=plan_path,
+                    hint=f"run every part with the same input and options, or delete {self.staging} "
+                    "to start over",
+                )
+        else:
+            write_json(plan_path, {"sha256": digest, **document})
+        self._digest = digest
+
+    def _write_marker(self) -> None:
+        assert self.parts is not None
+        files = {
+            p.name: (self.staging / p.name).stat().st_size for p in (self._plan_all[i] for i in self._mine)
+        }
+        write_json(
+            self._marker_path(),
+            {"sha256": self._digest, "part": self.parts[0], "parts": self.parts[1], "files": files},
+        )
+
+    @classmethod
+    def finalize_parts(cls, out_dir: str | Path, *, force: bool = False) -> Path:
+        """Check that every part of a multi-machine run is complete, then commit the output."""
+        out = check_output_path(out_dir, force=force)
+        staging = StagingFolder(out, force=force, shared=True)
+        meta = staging.path / META_DIR
+        plan_path = meta / "plan.json"
+        if not plan_path.is_file():
+            raise ConversionError(
+                f"no parts were written for {out}: {plan_path} is missing",
+                where=parts_staging_path(out),
+                hint="run the parts (parts=(I, N)) into the same output folder first",
+            )
+        document = read_json(plan_path)
+        digest = document.pop("sha256", None)
+        if document.get("kind") != cls.kind or plan_digest(document) != digest:
+            raise ConversionError(
+                f"{plan_path} is not a {cls.kind} plan or was modified",
+                where=plan_path,
+                hint=f"finalize with the writer that wrote the parts, or delete {staging.path}",
+            )
+        total = int(document["parts"])
+        plan = [PlannedFile.from_json(raw) for raw in document["files"]]
+        markers = {i: meta / marker_name(i, total) for i in range(1, total + 1)}
+        missing = [i for i, m in markers.items() if not m.is_file()]
+        if missing:
+            raise ConversionError(
+                f"{len(missing)} of {total} parts are not finished: parts {missing[:20]}",
+                where=staging.path,
+                hint="run the missing parts again with the same options, then finalize",
+            )
+        for i, marker in markers.items():
+            recorded = read_json(marker)
+            if recorded.get("sha256") != digest:
+                raise ConversionError(
+                    f"part {i} was written from a different plan",
+                    where=marker,
+                    hint=f"rerun part {i} with the same input and options",
+                )
+            for index in part_range(len(plan), (i, total)):
+                name = plan[index].name
+                path = staging.path / name
+                size = recorded["files"].get(name)
+                if size is None or not path.is_file() or path.stat().st_size != size:
+                    raise ConversionError(
+                        f"{name} of part {i} is missing or has the wrong size",
+                        where=path,
+                        hint=f"rerun part {i}",
+                    )
+        cls._write_extras(staging.path, plan, document["options"])
+        shutil.rmtree(meta)
+        for leftover in staging.path.rglob(".*.tmp-*"):
+            leftover.unlink(missing_ok=True)
+        return staging.commit()
