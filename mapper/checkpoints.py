@@ -24,7 +24,7 @@ import yaml
 
 from mapper import __version__
 from mapper.configs import NeoXModelConfig, load_neox_yaml, pad_vocab_size
-from mapper.detect import Detection, builtin_rule_sets, detect, require_single
+from mapper.detect import Candidate, Detection, builtin_rule_sets, detect, require_single
 from mapper.engine import SIDECAR_FILE, ExecutionReport, Plan, Sidecar, compile_plan, execute
 from mapper.engine.execute import target_manifest
 from mapper.errors import CheckpointError, MapperError
@@ -134,6 +134,30 @@ def convert_checkpoint(
     return ConversionResult(ready, report, writer.finalize() if part is None else None)
 
 
+def detect_checkpoint(src: str | Path, *, config_files: Sequence[str | Path] = ()) -> Detection:
+    """Which shipped rule set fits ``src`` (see :mod:`mapper.detect`), with the evidence.
+
+    An HF folder written by mapper names its rule set in ``mapper.json``; any other HF folder
+    fits every rule set of its architecture (the NeoX layout is a choice), which is reported.
+    """
+    source = open_checkpoint(src)
+    if isinstance(source, NeoXCheckpoint):
+        manifest = source.manifest()
+        model, parameters, _ = _neox_model(source, config_files)
+        return detect(manifest, parameters, model=model)
+    record = _read_record(source.path)
+    target = _hf_target(source)
+    if record is not None:
+        named = Candidate(_load(record["rules"]), notes=[f"{RECORD_FILE} names it (written by the conversion that made {source.path.name})"])
+        return Detection(named, [named])
+    model = NeoXModelConfig.from_hf_config(source.config or {}, tp=1)
+    inverses = [r.invert() for r in builtin_rule_sets(source="neox", target=target)]
+    found = detect(source.manifest(), model.rule_parameters(), candidates=inverses)
+    for candidate in found.candidates:
+        candidate.rules = candidate.rules.invert()  # report the NeoX -> HF rule sets by name
+    return Detection(None, found.candidates)
+
+
 def finalize_parts(out: str | Path, *, force: bool = False) -> Path:
     """The last step of a multi-machine conversion: check every part, then publish ``out``."""
     staging_plan = Path(out).parent / f".{Path(out).name}.mapper-parts" / ".mapper" / "plan.json"
@@ -151,15 +175,7 @@ def _prepare_neox_to_hf(
     overrides: Mapping[str, int],
 ) -> Prepared:
     manifest = source.manifest()
-    notes: list[str] = []
-    files = [Path(p) for p in config_files] or list(source.config_files)
-    raw: dict[str, Any] = load_neox_yaml(files) if files else {}
-    model = None
-    if raw:
-        model = NeoXModelConfig.from_neox_yaml(raw, tp=source.tp, padded_vocab_size=_padded_vocab(manifest, source.tp))
-    else:
-        notes.append("no NeoX config found (configs/ or --config): parameters are read off the checkpoint")
-    parameters = {**_inferred_parameters(manifest, source.tp), **(model.rule_parameters() if model else {})}
+    model, parameters, notes = _neox_model(source, config_files)
     if trim_vocab:
         parameters["trim_vocab"] = trim_vocab
     parameters.update(overrides)
@@ -187,6 +203,7 @@ def _prepare_neox_to_hf(
         arch, intermediate_size=_mlp_width(plan), vocab_size=trim_vocab or None,
     )
     hf_config["architectures"] = ["GPTNeoXForCausalLM" if arch == "gpt_neox" else "LlamaForCausalLM"]
+    files = [Path(p) for p in config_files] or list(source.config_files)
     if transformers_available():
         plan = compile_plan(chosen, manifest, parameters, expected=expected_tensors(hf_config))
     else:
@@ -194,8 +211,22 @@ def _prepare_neox_to_hf(
     notes.extend(_dropped_notes(plan))
     return Prepared(
         "neox-to-hf", source, chosen, chosen, model, plan.parameters, plan, hf_config,
-        raw or model.to_neox_yaml(), detection=detection, notes=notes,
+        load_neox_yaml(files), detection=detection, notes=notes,
     )
+
+
+def _neox_model(
+    source: NeoXCheckpoint, config_files: Sequence[str | Path]
+) -> tuple[NeoXModelConfig | None, dict[str, int], list[str]]:
+    """The model config (given, or found under configs/) and the rule parameters it implies."""
+    manifest = source.manifest()
+    files = [Path(p) for p in config_files] or list(source.config_files)
+    parameters = _inferred_parameters(manifest, source.tp)
+    if not files:
+        return None, parameters, ["no NeoX config found (configs/ or --config): parameters are read off the checkpoint"]
+    raw = load_neox_yaml(files)
+    model = NeoXModelConfig.from_neox_yaml(raw, tp=source.tp, padded_vocab_size=_padded_vocab(manifest, source.tp))
+    return model, {**parameters, **model.rule_parameters()}, []
 
 
 def _padded_vocab(manifest: Mapping[str, Any], tp: int) -> int | None:
@@ -245,12 +276,7 @@ def _prepare_hf_to_neox(
         )
     notes: list[str] = []
     record = _read_record(source.path)
-    target = HF_TARGETS.get(str(source.config.get("model_type")))
-    if target is None:
-        raise CheckpointError(
-            f"HF model_type {source.config.get('model_type')!r} is not supported", where=source.path / "config.json",
-            hint="mapper converts gpt_neox and llama models",
-        )
+    target = _hf_target(source)
     if rules is not None:
         forward = _load(rules)
         if forward.source == "hf-gpt-neox" or forward.source == "hf-llama":
@@ -265,7 +291,7 @@ def _prepare_hf_to_neox(
             f"hold it: {', '.join(candidates)}",
             hint="name the NeoX variant you want with --rules (e.g. --rules "
             f"{'neox-to-hf-gpt-neox' if target == 'hf-gpt-neox' else 'neox-llama-to-hf-llama'} for NeoX's "
-            "own modules; its inverse is used)",
+            "own modules, or a TE rule set to continue training with Transformer Engine; its inverse is used)",
         )
     if forward.target != target:
         raise MapperError(
@@ -298,6 +324,16 @@ def _prepare_hf_to_neox(
         {**model.to_neox_yaml(), **_hyphenated(raw)} if raw else model.to_neox_yaml(),
         sidecar=sidecar, notes=notes,
     )
+
+
+def _hf_target(source: HFCheckpoint) -> str:
+    model_type = (source.config or {}).get("model_type")
+    if source.config is None or model_type not in HF_TARGETS:
+        raise CheckpointError(
+            f"HF model_type {model_type!r} is not supported" if source.config else "the HF folder has no config.json",
+            where=source.path / "config.json", hint="mapper converts gpt_neox and llama models (config.json names model_type)",
+        )
+    return HF_TARGETS[str(model_type)]
 
 
 def _repadded(raw: Mapping[str, Any], hf_vocab: int, tp: int) -> int:

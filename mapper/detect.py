@@ -32,22 +32,23 @@ class Candidate:
     plan: Plan | None = None
     reasons: list[str] = field(default_factory=list)  # why it does not fit
     unused_optional: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # evidence other than keys (e.g. a record file)
 
     @property
     def fits(self) -> bool:
-        return self.plan is not None and not self.reasons
+        return (self.plan is not None or bool(self.notes)) and not self.reasons
 
     def evidence(self) -> list[str]:
         """Per fragment: how many source tensors its rules consumed, with an example key."""
         if self.plan is None:
-            return []
+            return list(self.notes)
         seen: dict[str, list[str]] = {}
         for node in self.plan.nodes:
             fragment = (node.op.id or "").split("#")[0]
             sources = [v.key for v in node.inputs if v.producer is None]
             if sources:
                 seen.setdefault(fragment, []).extend(sources)
-        return [f"{fragment}: {len(keys)} tensors, e.g. {keys[0]}" for fragment, keys in seen.items()]
+        return self.notes + [f"{fragment}: {len(keys)} tensors, e.g. {keys[0]}" for fragment, keys in seen.items()]
 
 
 @dataclass
@@ -100,7 +101,7 @@ def require_single(detection: Detection, what: str) -> RuleSet:
     if fitting:
         names = ", ".join(c.rules.name for c in fitting)
         raise MapperError(
-            f"{what}: {len(fitting)} rule sets fit equally well: {names}",
+            f"{what}: {len(fitting)} rule sets fit and none stands out: {names}",
             hint="name one with --rules (`mapper rules show NAME` describes each)",
         )
     lines = "\n".join(f"  - {c.rules.name}: {c.reasons[0] if c.reasons else 'does not fit'}" for c in detection.candidates)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import difflib
 import itertools
 import re
+from functools import cached_property
 from collections.abc import Collection, Mapping
 from typing import Union
 
@@ -33,6 +34,7 @@ from mapper.spec.models import RuleSet
 from mapper.tensors import Manifest, TensorMeta
 
 Expected = Union[Mapping[str, tuple[int, ...]], Collection[str], None]
+_NEAREST_FOR = 20  # leftover keys that get a nearest-rule hint
 
 
 def compile_plan(
@@ -262,8 +264,10 @@ class _Builder:
     # --- the end -----------------------------------------------------------------------------
     def finish(self, expected: Expected) -> None:
         leftover = [k for k, v in self.working.items() if v.producer is None]
-        for key in leftover:
-            self.problem("no rule consumes this tensor", key=key, hint=self._nearest_rule(key))
+        for position, key in enumerate(leftover):
+            # The nearest-rule search is the slow part of a failed compile: only for the first few.
+            hint = self._nearest_rule(key) if position < _NEAREST_FOR else None
+            self.problem("no rule consumes this tensor", key=key, hint=hint)
         targets = {k: v for k, v in self.working.items() if v.producer is not None}
         if expected is not None:
             wanted = set(expected)
@@ -296,16 +300,23 @@ class _Builder:
     def _templates(self) -> list[str]:
         return [re.sub(r"\d+", "*", k) for k in self.working]
 
+    @cached_property
+    def _rule_templates(self) -> list[tuple[Op, str, str]]:
+        return [
+            (op, text, Pattern(text, self.names, self.choices).template)
+            for op in self.ruleset.ops
+            for text in op.input_patterns()
+        ]
+
     def _nearest_rule(self, key: str) -> str:
         shape = re.sub(r"\d+", "*", key)
-        best, best_score = None, 0.0
-        for op in self.ruleset.ops:
-            for text in op.input_patterns():
-                template = Pattern(text, self.names, self.choices).template
-                score = difflib.SequenceMatcher(None, shape, template).ratio()
-                if score > best_score:
-                    best, best_score = (op, text), score
-        if best is None or best_score < 0.5:
+        matcher = difflib.SequenceMatcher(None, b=shape)
+        best, best_score = None, 0.5
+        for op, text, template in self._rule_templates:
+            matcher.set_seq1(template)
+            if matcher.quick_ratio() > best_score and (score := matcher.ratio()) > best_score:
+                best, best_score = (op, text), score
+        if best is None:
             return "no rule mentions anything like it: add a rule (or a `drop` with a `note` saying why)"
         op, text = best
         origin = self.ruleset.origin(op.id)

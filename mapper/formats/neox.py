@@ -16,8 +16,15 @@ Both give the keys ``layer_{idx:02d}.{key}@rank{rank}`` (:mod:`mapper.formats.na
 The manifest is built from memory-mapped loads (``torch.load(mmap=True, weights_only=True)``
 through :mod:`mapper.formats.safe_pickle`), which read the pickles but no tensor data; the
 loaded dict of each file is kept, so ``get`` does not unpickle again and touches only the bytes
-of the tensor asked for. Legacy non-zip files cannot be memory-mapped: they are read whole, and
-only the most recently used one is kept, so memory stays bounded by the largest file.
+of the tensor asked for. Once ``get`` has handed out every tensor of a file, the reader lets go
+of that file's dict: its memory map closes as soon as the caller drops those tensors, so the
+pages read from it leave the process (a converter's RSS follows what it holds, not the
+checkpoint). When only small tensors of a file are still to be asked for (at most
+:data:`SMALL_REMAINDER` bytes: typically the ``_extra_state`` and stale norms a conversion drops
+at its very end), those are copied out and the map is let go of all the same. A later ``get`` of
+a released tensor simply loads its file again. Legacy non-zip files cannot be memory-mapped: they
+are read whole, and only the most recently used one is kept, so memory stays bounded by the
+largest file.
 
 Optimizer files (``*optim_states.pt``), ``zero_to_fp32.py`` and ``latest`` are ignored; any other
 unknown ``.pt``/``.bin`` file is an error (it may hold weights that would silently be dropped);
@@ -53,6 +60,7 @@ SEQUENTIAL = "sequential"
 IGNORED_FILES = re.compile(r"^(.*optim_states\.pt|zero_to_fp32\.py|latest|latest_universal)$")
 WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
 CONFIG_SUFFIXES = (".yml", ".yaml", ".json")
+SMALL_REMAINDER = 1 << 20  # bytes of not-yet-requested tensors copied out to release a file map
 LOOKED_FOR = (
     "layer_XX-model_YY-model_states.pt (pipeline layout), mp_rank_YY_model_states.pt "
     "(sequential layout), a 'latest' file naming the tag folder, or one global_step* folder"
@@ -159,6 +167,9 @@ class NeoXCheckpoint:
         self._lock = threading.Lock()
         self._cache: dict[Path, dict[str, torch.Tensor]] = {}
         self._legacy: tuple[Path, dict[str, torch.Tensor]] | None = None
+        # per loaded file: the in-file keys ``get`` has not handed out since it was loaded
+        self._pending: dict[Path, set[str]] = {}
+        self._copied: set[Path] = set()  # cached dicts holding only copies of the pending tensors
         self._index: dict[str, _Located] | None = None
         self._manifest: dict[str, TensorMeta] | None = None
         self.layer_files, self.mp_rank_files = self._scan()
@@ -252,10 +263,14 @@ class NeoXCheckpoint:
         return sorted({located.idx for located in self._build_index().values()})
 
     # -- loading -----------------------------------------------------------------------------
-    def _load_file(self, file: Path) -> dict[str, torch.Tensor]:
-        """The tensors of one file under their in-file keys (cached, see the module docstring)."""
+    def _load_file(self, file: Path, need: str | None = None) -> dict[str, torch.Tensor]:
+        """The tensors of one file under their in-file keys (cached, see the module docstring).
+
+        With ``need``, the result may be the cached copies of the pending tensors only, provided
+        ``need`` is one of them; without, it is always every tensor of the file.
+        """
         with self._lock:
-            if file in self._cache:
+            if file in self._cache and (file not in self._copied or (need is not None and need in self._cache[file])):
                 return self._cache[file]
             if self._legacy is not None and self._legacy[0] == file:
                 return self._legacy[1]
@@ -277,6 +292,8 @@ class NeoXCheckpoint:
                     full["module"], file=file, what="'module'", notes=notes
                 )
             self.notes.extend(n for n in notes if n not in self.notes)
+            self._pending[file] = set(tensors)
+            self._copied.discard(file)
             if safe_pickle.is_zip_file(file):
                 self._cache[file] = tensors
             else:
@@ -353,13 +370,37 @@ class NeoXCheckpoint:
     def get(self, key: str) -> torch.Tensor:
         """The tensor ``key``; a view of a memory map for zip files (do not write to it)."""
         located = self._locate(key)
-        return self._load_file(located.file)[located.inner]
+        tensor = self._load_file(located.file, located.inner)[located.inner]
+        self._handed_out(located.file, located.inner)
+        return tensor
+
+    def _handed_out(self, file: Path, inner: str) -> None:
+        """Let go of ``file``'s map once its tensors were handed out (see the module docstring)."""
+        with self._lock:
+            pending = self._pending.get(file)
+            if pending is None:
+                return
+            pending.discard(inner)
+            if not pending:
+                del self._pending[file]
+                self._cache.pop(file, None)
+                self._copied.discard(file)
+                if self._legacy is not None and self._legacy[0] == file:
+                    self._legacy = None
+                return
+            cached = self._cache.get(file)
+            if cached is not None and file not in self._copied:
+                if sum(cached[k].nbytes for k in pending) <= SMALL_REMAINDER:
+                    self._cache[file] = {k: cached[k].clone() for k in pending}
+                    self._copied.add(file)
 
     def close(self) -> None:
         """Drop the cached file maps (the manifest stays)."""
         with self._lock:
             self._cache.clear()
             self._legacy = None
+            self._pending.clear()
+            self._copied.clear()
 
     def __enter__(self) -> NeoXCheckpoint:
         return self

@@ -46,52 +46,97 @@ def load_rule_text(text: str, *, name: str = "<text>", base: Path | None = None)
 # --- parsing with positions ------------------------------------------------------------
 def parse_document(text: str, where: str) -> tuple[Any, dict[Path_, Position]]:
     """YAML/JSON text -> plain data plus (line, column) of every node, keyed by its path."""
-    loader = yaml.SafeLoader(text)
+    loader: yaml.SafeLoader | None = None
     try:
+        loader = yaml.SafeLoader(text)  # already reads the text: may refuse a character
         node = loader.get_single_node()
+        if node is None:
+            raise RuleFileError("the file is empty", where=where, hint="start from `mapper rules new`")
+        positions: dict[Path_, Position] = {}
+        data = _construct(loader, node, (), positions, where, _Budget())
     except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None) or getattr(error, "context_mark", None)
-        at = f"{where}:{mark.line + 1}:{mark.column + 1}" if mark else where
-        problem = getattr(error, "problem", None) or str(error)
-        context, context_mark = getattr(error, "context", None), getattr(error, "context_mark", None)
-        if context and context_mark is not None:
-            problem += f" ({context} that starts at line {context_mark.line + 1}, column {context_mark.column + 1})"
+        raise _yaml_error(error, where) from None
+    except RecursionError:
         raise RuleFileError(
-            f"not valid YAML/JSON: {problem}", where=at,
-            hint="check indentation, colons and quotes around patterns containing '{' or ':'",
+            "the document is nested too deeply to be a rule file", where=where,
+            hint="check for unbalanced brackets '[' / '{'",
         ) from None
     finally:
-        loader.dispose()
-    if node is None:
-        raise RuleFileError("the file is empty", where=where, hint="start from `mapper rules new`")
-    positions: dict[Path_, Position] = {}
-    data = _construct(loader, node, (), positions, where)
+        if loader is not None:
+            loader.dispose()
     return data, positions
 
 
-def _construct(loader: yaml.SafeLoader, node: yaml.Node, path: Path_, positions: dict, where: str) -> Any:
+def _yaml_error(error: yaml.YAMLError, where: str) -> RuleFileError:
+    mark = getattr(error, "problem_mark", None) or getattr(error, "context_mark", None)
+    at = f"{where}:{mark.line + 1}:{mark.column + 1}" if mark else where
+    problem = getattr(error, "problem", None) or str(error)
+    context, context_mark = getattr(error, "context", None), getattr(error, "context_mark", None)
+    if context and context_mark is not None:
+        problem += f" ({context} that starts at line {context_mark.line + 1}, column {context_mark.column + 1})"
+    return RuleFileError(
+        f"not valid YAML/JSON: {problem}", where=at,
+        hint="check indentation, colons and quotes around patterns containing '{' or ':'",
+    )
+
+
+class _Budget:
+    """Bounds the data a document may expand to: YAML aliases can repeat a node exponentially
+    often ("billion laughs") or refer to themselves."""
+
+    LIMIT = 200_000
+
+    def __init__(self) -> None:
+        self.nodes = 0
+        self.open: set[int] = set()  # nodes being constructed (an alias to one is a cycle)
+
+
+def _construct(
+    loader: yaml.SafeLoader, node: yaml.Node, path: Path_, positions: dict, where: str, budget: _Budget
+) -> Any:
+    budget.nodes += 1
+    if budget.nodes > budget.LIMIT:
+        raise RuleFileError(
+            f"the document expands to more than {budget.LIMIT} values (YAML aliases repeating aliases?)",
+            where=_at(where, node.start_mark), hint="write the rules out instead of nesting aliases",
+        )
+    if id(node) in budget.open:
+        raise RuleFileError(
+            "a YAML alias refers to a node that contains it (a recursive structure)",
+            where=_at(where, node.start_mark), hint="remove the alias (*name) inside its own anchor (&name)",
+        )
     positions[path] = (node.start_mark.line + 1, node.start_mark.column + 1)
-    if isinstance(node, yaml.MappingNode):
-        result: dict[Any, Any] = {}
-        for key_node, value_node in node.value:
-            key = _construct(loader, key_node, path + ("<key>",), {}, where)
-            if not isinstance(key, (str, int, float, bool)) or key is None:
-                raise RuleFileError(
-                    "mapping keys must be plain scalars", where=_at(where, key_node.start_mark)
-                )
-            if key in result:
-                raise RuleFileError(
-                    f"key {key!r} appears twice in the same mapping", where=_at(where, key_node.start_mark),
-                    hint="YAML would silently keep the last one; remove the duplicate",
-                )
-            result[key] = _construct(loader, value_node, path + (key,), positions, where)
-        return result
-    if isinstance(node, yaml.SequenceNode):
-        return [_construct(loader, item, path + (i,), positions, where) for i, item in enumerate(node.value)]
+    if isinstance(node, (yaml.MappingNode, yaml.SequenceNode)):
+        budget.open.add(id(node))
+        try:
+            return _construct_collection(loader, node, path, positions, where, budget)
+        finally:
+            budget.open.discard(id(node))
     try:
         return loader.construct_object(node, deep=True)
     except yaml.YAMLError as error:
         raise RuleFileError(f"bad value: {error}", where=_at(where, node.start_mark)) from None
+
+
+def _construct_collection(
+    loader: yaml.SafeLoader, node: yaml.Node, path: Path_, positions: dict, where: str, budget: _Budget
+) -> Any:
+    if isinstance(node, yaml.SequenceNode):
+        return [_construct(loader, item, path + (i,), positions, where, budget) for i, item in enumerate(node.value)]
+    result: dict[Any, Any] = {}
+    for key_node, value_node in node.value:
+        key = _construct(loader, key_node, path + ("<key>",), {}, where, budget)
+        if not isinstance(key, (str, int, float, bool)) or key is None:
+            raise RuleFileError(
+                "mapping keys must be plain scalars", where=_at(where, key_node.start_mark)
+            )
+        if key in result:
+            raise RuleFileError(
+                f"key {key!r} appears twice in the same mapping", where=_at(where, key_node.start_mark),
+                hint="YAML would silently keep the last one; remove the duplicate",
+            )
+        result[key] = _construct(loader, value_node, path + (key,), positions, where, budget)
+    return result
 
 
 def _at(where: str, mark: Any) -> str:
@@ -200,23 +245,42 @@ def _resolve(path: Path, stack: tuple[Path, ...]) -> RuleSet:
         cycle = " -> ".join(p.name for p in stack + (path,))
         raise RuleFileError(f"include cycle: {cycle}", where=stack[-1], hint="remove one of the includes")
     try:
-        text = path.read_text(encoding="utf-8")
+        stat = path.stat()
     except FileNotFoundError:
         raise RuleFileError(
             "rule file not found", where=stack[-1] if stack else path,
             hint=f"no file {path}; paths in `include` are relative to the including file",
         ) from None
+    except OSError as error:
+        raise RuleFileError(f"cannot read rule file: {error}", where=path) from None
+    ruleset, positions = _validated_file(path, stat.st_mtime_ns, stat.st_size)
+    return _assemble(ruleset, positions, path, path.parent, stack + (path,))
+
+
+@lru_cache(maxsize=256)
+def _validated_file(path: Path, mtime_ns: int, size: int) -> tuple[RuleSet, dict[Path_, Position]]:
+    """One file read and validated (cached by path, modification time and size)."""
+    try:
+        text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as error:
         raise RuleFileError(f"cannot read rule file: {error}", where=path) from None
     data, positions = parse_document(text, str(path))
-    return _build(data, positions, path, path.parent, stack + (path,))
+    return _validate(data, positions, str(path)), positions
+
+
+def _validate(data: Any, positions: dict, where: str) -> RuleSet:
+    _check_rule_shapes(data, positions, where)
+    _check_schema(data, positions, where)
+    return _check_model(data, positions, where)
 
 
 def _build(data: Any, positions: dict, path: Path, base: Path, stack: tuple[Path, ...]) -> RuleSet:
+    return _assemble(_validate(data, positions, str(path)), positions, path, base, stack)
+
+
+def _assemble(ruleset: RuleSet, positions: dict, path: Path, base: Path, stack: tuple[Path, ...]) -> RuleSet:
+    """Resolve a validated file's includes and give its rules their ids and origins."""
     where = str(path)
-    _check_rule_shapes(data, positions, where)
-    _check_schema(data, positions, where)
-    ruleset = _check_model(data, positions, where)
 
     parts: list[tuple[RuleSet, str]] = [
         (_resolve((base / name).resolve(), stack), str((base / name))) for name in ruleset.include

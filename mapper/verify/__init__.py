@@ -1,7 +1,16 @@
-"""Verification: the reference NeoX forward (and, later, comparisons against converted models)."""
+"""Verification: the reference NeoX forward and its point-by-point comparison with converted models."""
 
 from __future__ import annotations
 
+from mapper.verify.compare import (
+    Activations,
+    Tolerances,
+    compare,
+    default_tolerances,
+    hf_activations,
+    repetition_score,
+    verify_conversion,
+)
 from mapper.verify.reference import (
     LayerTensors,
     NeoXActivations,
@@ -9,5 +18,10 @@ from mapper.verify.reference import (
     apply_norm,
     neox_forward,
 )
+from mapper.verify.report import Blame, Continuation, PointComparison, RuleRef, VerifyReport
 
-__all__ = ["LayerTensors", "NeoXActivations", "NormParams", "apply_norm", "neox_forward"]
+__all__ = [
+    "Activations", "Blame", "Continuation", "LayerTensors", "NeoXActivations", "NormParams", "PointComparison",
+    "RuleRef", "Tolerances", "VerifyReport", "apply_norm", "compare", "default_tolerances", "hf_activations",
+    "neox_forward", "repetition_score", "verify_conversion",
+]

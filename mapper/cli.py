@@ -1,0 +1,574 @@
+"""The ``mapper`` command: a thin layer over the library (every command is one library call).
+
+Exit codes: 0 ok, 1 a verification ran and failed, 2 bad input of any kind (including usage
+errors), 3 an internal error (a bug: please report it with ``--debug`` output). Errors print one
+clear message, without a traceback unless ``--debug``. ``--json`` prints machine-readable
+results on stdout; progress and human-readable text go to stderr in that case.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+from rich.table import Table
+
+from mapper.errors import MapperError
+
+app = typer.Typer(
+    name="mapper",
+    help="Convert GPT-NeoX checkpoints (every Transformer Engine variant) to HuggingFace and back, "
+    "from declarative rule files -- and prove the result computes what the source computed.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+rules_app = typer.Typer(help="List, show, validate and scaffold rule sets; print the JSON Schema.", no_args_is_help=True)
+app.add_typer(rules_app, name="rules")
+
+
+class State:
+    debug = False
+    quiet = False
+
+
+STATE = State()
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+RulesOpt = Annotated[Optional[str], typer.Option("--rules", "-r", help="Rule set name (`mapper rules list`) or path to a rule file. Detected when not given.")]
+ConfigOpt = Annotated[Optional[list[Path]], typer.Option("--config", "-c", help="NeoX YAML config file(s), merged as NeoX merges them. Default: the checkpoint's configs/.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
+ParamOpt = Annotated[Optional[list[str]], typer.Option("--param", "-p", help="Set a rule-set parameter, NAME=INT (overrides the config).")]
+
+
+@app.callback()
+def _global(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks (anywhere on the command line).")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or notes (anywhere on the command line).")] = False,
+    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.", is_eager=True)] = False,
+) -> None:
+    if version:
+        from mapper import __version__
+
+        out.print(f"mapper {__version__}")
+        raise typer.Exit()
+    STATE.debug = STATE.debug or debug
+    STATE.quiet = STATE.quiet or quiet
+
+
+# --- helpers ---------------------------------------------------------------------------------
+def _params(values: list[str] | None) -> dict[str, int]:
+    params = {}
+    for item in values or []:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise MapperError(f"--param {item!r} is not NAME=INT", hint="e.g. --param gpt_j_residual=1")
+        try:
+            params[name.strip()] = int(value)
+        except ValueError:
+            raise MapperError(f"--param {item!r}: {value!r} is not an integer", hint="e.g. --param tp=2") from None
+    return params
+
+
+def _size(text: str) -> int:
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    clean = text.strip().upper().replace(" ", "")
+    number = clean.rstrip("KMGTIB")
+    unit = clean[len(number):]
+    try:
+        value = float(number)
+    except ValueError:
+        value = -1
+    if unit not in units or value <= 0:
+        raise MapperError(f"size {text!r} is not understood", hint="write e.g. 5GB, 500MB, 2GiB or a number of bytes")
+    return int(value * units[unit])
+
+
+def _part(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    index, sep, total = text.partition("/")
+    try:
+        part = (int(index), int(total))
+    except ValueError:
+        part = (0, 0)
+    if not sep or not 1 <= part[0] <= part[1]:
+        raise MapperError(f"--part {text!r} is not I/N with 1 <= I <= N", hint="e.g. --part 3/8 for the third of eight parts")
+    return part
+
+
+def _dtype(text: str | None) -> Any:
+    if text is None:
+        return None
+    from mapper.tensors import dtype_from_name
+
+    dtype = dtype_from_name(text)
+    if not dtype.is_floating_point:
+        raise MapperError(f"--dtype {text}: weights can only be cast to a floating-point dtype", hint="float32, bfloat16 or float16")
+    return dtype
+
+
+def _print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def _notes(notes: list[str], *, as_json: bool) -> None:
+    if STATE.quiet:
+        return
+    console = err if as_json else out
+    for note in notes:
+        console.print(f"[dim]note:[/dim] {escape(note)}")
+
+
+@contextmanager
+def _progress(label: str) -> Iterator[tuple[Any, Any]]:
+    """A bytes progress bar (throughput, ETA) on stderr, shown once writing starts."""
+    if STATE.quiet:
+        yield None, None
+        return
+    columns = [TextColumn(f"[bold]{label}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn()]
+    progress = Progress(*columns, console=err)
+    task = None
+
+    def started(total: int) -> None:
+        nonlocal task
+        progress.start()
+        task = progress.add_task(label, total=total)
+
+    def advanced(_index: int, nbytes: int) -> None:
+        if task is not None:
+            progress.advance(task, nbytes)
+
+    try:
+        yield started, advanced
+    finally:
+        progress.stop()
+
+
+# --- convert / plan / detect -----------------------------------------------------------------
+@app.command()
+def convert(
+    src: Annotated[Path, typer.Argument(metavar="SRC", help="NeoX checkpoint (global_stepN or its parent) or HF folder.")],
+    out_dir: Annotated[Path, typer.Argument(metavar="OUT", help="Output folder (appears complete or not at all).")],
+    rules: RulesOpt = None,
+    config: ConfigOpt = None,
+    tp: Annotated[Optional[int], typer.Option("--tp", help="TP degree of a NeoX output (HF -> NeoX). Default: the original, else 1.", min=1)] = None,
+    dtype: Annotated[Optional[str], typer.Option("--dtype", help="Cast floating tensors (float32, bfloat16, float16); overflow is an error.")] = None,
+    trim_vocab: Annotated[Optional[int], typer.Option("--trim-vocab", help="Keep only the first N vocabulary rows (cut rows go to the sidecar).", min=1)] = None,
+    max_shard_size: Annotated[str, typer.Option("--max-shard-size", help="Largest HF shard, e.g. 5GB, 500MB.")] = "5GB",
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing OUT (only once the new one is complete).")] = False,
+    part: Annotated[Optional[str], typer.Option("--part", help="Convert only part I/N (a job array on machines sharing a filesystem); then run `mapper finalize OUT`.")] = None,
+    average_replicas: Annotated[bool, typer.Option("--average-replicas", help="Average replicated tensors that differ across TP ranks instead of refusing (lossy).")] = False,
+    param: ParamOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Convert a checkpoint: NeoX -> HF, or HF -> NeoX (the rule set's inverse)."""
+    from mapper.checkpoints import convert_checkpoint, prepare
+
+    ready = prepare(src, rules=rules, config_files=config or [], tp=tp, trim_vocab=trim_vocab, parameters=_params(param))
+    _notes(ready.notes, as_json=as_json)
+    if not as_json and not STATE.quiet:
+        direction = "NeoX -> HF" if ready.direction == "neox-to-hf" else "HF -> NeoX"
+        out.print(f"{direction} with rule set [bold]{ready.forward_rules.name}[/bold] {ready.forward_rules.version}"
+                  + (" (inverted)" if ready.direction == "hf-to-neox" else ""))
+    with _progress("converting") as (started, advanced):
+        result = convert_checkpoint(
+            src, out_dir, dtype=_dtype(dtype), max_shard_size=_size(max_shard_size), force=force, part=_part(part),
+            average_replicas=average_replicas, on_start=started, on_group=advanced, prepared=ready,
+        )
+    summary = {
+        "output": str(result.output) if result.output else None,
+        "part": part,
+        "rules": ready.forward_rules.name,
+        "rules_version": ready.forward_rules.version,
+        "direction": ready.direction,
+        "tensors": result.report.tensors,
+        "bytes": result.report.bytes_written,
+        "files": result.report.groups,
+        "sidecar_entries": len(result.report.sidecar),
+        "notes": ready.notes,
+    }
+    if as_json:
+        _print_json(summary)
+    elif result.output is None:
+        out.print(f"part {part} written; when every part is done, run: mapper finalize {out_dir}")
+    else:
+        out.print(f"[green]wrote[/green] {result.output}: {result.report.tensors} tensors, "
+                  f"{result.report.bytes_written / 1e6:.1f} MB in {result.report.groups} file(s)")
+        if ready.direction == "neox-to-hf" and not STATE.quiet:
+            out.print(f"next: mapper verify {src} {result.output}")
+
+
+@app.command()
+def finalize(
+    out_dir: Annotated[Path, typer.Argument(metavar="OUT", help="The OUT every `convert --part I/N` wrote to.")],
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing OUT.")] = False,
+) -> None:
+    """Last step of a multi-machine conversion: check every part, then publish OUT."""
+    from mapper.checkpoints import finalize_parts
+
+    out.print(f"[green]complete[/green]: {finalize_parts(out_dir, force=force)}")
+
+
+@app.command()
+def plan(
+    src: Annotated[Path, typer.Argument(metavar="SRC", help="NeoX checkpoint or HF folder.")],
+    rules: RulesOpt = None,
+    config: ConfigOpt = None,
+    tp: Annotated[Optional[int], typer.Option("--tp", help="TP degree of a NeoX output.", min=1)] = None,
+    trim_vocab: Annotated[Optional[int], typer.Option("--trim-vocab", min=1)] = None,
+    param: ParamOpt = None,
+    max_shard_size: Annotated[str, typer.Option("--max-shard-size")] = "5GB",
+    as_json: JsonOpt = False,
+) -> None:
+    """Dry run from metadata only: source -> ops -> target per tensor, sizes, peak memory."""
+    from mapper.checkpoints import prepare
+    from mapper.formats.hf_writer import plan_shards
+
+    try:
+        ready = prepare(src, rules=rules, config_files=config or [], tp=tp, trim_vocab=trim_vocab, parameters=_params(param))
+    except MapperError as error:
+        from mapper.errors import CompileError
+
+        if isinstance(error, CompileError) and not as_json:
+            _problems_table(error)
+        raise
+    the_plan = ready.plan
+    if ready.direction == "neox-to-hf":
+        groups = [list(f.keys) for f in plan_shards(the_plan.target_manifest, _size(max_shard_size))]
+    else:
+        groups = _neox_groups(the_plan)
+    summary = {**the_plan.summary(), "direction": ready.direction, "parameters": the_plan.parameters,
+               "output_files": len(groups), "peak_memory_bytes": the_plan.peak_bytes(groups), "notes": ready.notes}
+    if as_json:
+        _print_json({**summary, "tensors": the_plan.rows()})
+        return
+    table = Table(title=f"{ready.forward_rules.name} {ready.forward_rules.version} ({ready.direction})", show_lines=False)
+    for column in ("source", "ops", "target", "shape"):
+        table.add_column(column, overflow="fold")
+    for row in the_plan.rows():
+        table.add_row(escape(row["sources"]), escape(" -> ".join(row["ops"])), escape(row["target"]), row["meta"])
+    out.print(table)
+    _notes(ready.notes, as_json=False)
+    out.print(
+        f"{summary['source_tensors']} source tensors ({summary['source_bytes'] / 1e6:.1f} MB) -> "
+        f"{summary['target_tensors']} target tensors ({summary['target_bytes'] / 1e6:.1f} MB) in "
+        f"{len(groups)} file(s); peak memory about {summary['peak_memory_bytes'] / 1e6:.1f} MB"
+    )
+
+
+def _neox_groups(the_plan: Any) -> list[list[str]]:
+    from mapper.formats.naming import parse_neox_key
+
+    files: dict[tuple[int, int], list[str]] = {}
+    for key in the_plan.targets:
+        name = parse_neox_key(key)
+        files.setdefault((name.idx, name.rank), []).append(key)
+    return [files[k] for k in sorted(files)]
+
+
+def _problems_table(error: Any) -> None:
+    table = Table(title="problems", show_lines=False)
+    table.add_column("key", overflow="fold")
+    table.add_column("problem", overflow="fold")
+    table.add_column("nearest rule / hint", overflow="fold")
+    for problem in error.problems:
+        table.add_row(escape(problem.key or ""), escape(problem.message), escape(problem.hint or problem.rule or ""))
+    err.print(table)
+
+
+@app.command()
+def detect(
+    path: Annotated[Path, typer.Argument(metavar="PATH", help="NeoX checkpoint or HF folder.")],
+    config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Name the rule set that fits a checkpoint, with the evidence (refuses when two fit)."""
+    from mapper.checkpoints import detect_checkpoint
+    from mapper.detect import require_single
+
+    detection = detect_checkpoint(path, config_files=config or [])
+    if as_json:
+        _print_json(detection.summary())
+    else:
+        table = Table(title=f"rule sets tried on {path}")
+        for column in ("rule set", "fits", "why not / optional rules left unused"):
+            table.add_column(column, overflow="fold")
+        for candidate in detection.candidates:
+            why = candidate.reasons[0].splitlines()[0] if candidate.reasons else ", ".join(candidate.unused_optional) or "-"
+            table.add_row(candidate.rules.name, "[green]yes[/green]" if candidate.fits else "no", escape(why))
+        out.print(table)
+    chosen = require_single(detection, f"cannot tell which rule set fits {path}")
+    if not as_json:
+        out.print(f"[bold]{chosen.name}[/bold] {chosen.version}: {escape(chosen.description.strip())}")
+        for line in detection.chosen.evidence() if detection.chosen else []:
+            out.print(f"  evidence: {escape(line)}")
+
+
+# --- verification ----------------------------------------------------------------------------
+@app.command()
+def verify(
+    neox: Annotated[Path, typer.Argument(metavar="NEOX_CHECKPOINT")],
+    hf: Annotated[Path, typer.Argument(metavar="HF_FOLDER")],
+    rules: RulesOpt = None,
+    config: ConfigOpt = None,
+    dtype: Annotated[str, typer.Option("--dtype", help="Compute precision of both sides (float32, or bfloat16 to match training).")] = "float32",
+    text: Annotated[Optional[str], typer.Option("--text", help="Verify on this text (needs --tokenizer).")] = None,
+    tokenizer: Annotated[Optional[Path], typer.Option("--tokenizer", help="Local tokenizer folder for --text.")] = None,
+    tokens: Annotated[int, typer.Option("--tokens", help="Greedy continuation length compared on both sides.", min=0)] = 8,
+    seq_len: Annotated[int, typer.Option("--seq-len", help="Generated prompt length (without --text).", min=1)] = 16,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the generated prompt.")] = 0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Run NeoX (reference forward) and HF on the same tokens; compare layer by layer. Exit 1 if they differ."""
+    from mapper.verify.checkpoints import verify_checkpoints
+
+    report = verify_checkpoints(
+        neox, hf, rules=rules, config_files=config or [], dtype=_dtype(dtype), text=text, tokenizer=tokenizer,
+        seed=seed, seq_len=seq_len, continuation=tokens,
+    )
+    if as_json:
+        _print_json(report.to_dict())
+    else:
+        out.print(escape(report.render()))
+    report.raise_if_failed()
+
+
+@app.command()
+def roundtrip(
+    neox: Annotated[Path, typer.Argument(metavar="NEOX_CHECKPOINT")],
+    rules: RulesOpt = None,
+    config: ConfigOpt = None,
+    param: ParamOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """NeoX -> HF -> NeoX (same TP) in a temporary folder; every tensor must come back bit for bit."""
+    from mapper.errors import VerificationFailed
+    from mapper.verify.roundtrip import roundtrip as run_roundtrip
+
+    report = run_roundtrip(neox, rules=rules, config_files=config or [], parameters=_params(param))
+    if as_json:
+        _print_json(report.to_dict())
+    else:
+        table = Table(title=f"round trip with {report.rules}")
+        for column in ("tensor", "dtype/shape", "bitwise equal"):
+            table.add_column(column, overflow="fold")
+        for row in report.diff.rows:
+            equal = "[green]yes[/green]" if row.status == "equal" else f"[red]{row.status}[/red]"
+            table.add_row(escape(row.key), str(row.a or row.b), equal)
+        out.print(table)
+        for lossy in report.lossy:
+            out.print(f"lossy rule {lossy['rule']} ({escape(lossy['op'])}): {lossy['tensors']} step(s), "
+                      f"{lossy['from_sidecar']} restored from the sidecar, {lossy['from_default']} exact without it")
+        counts = report.diff.counts()
+        out.print(("[green]exact[/green]: " if report.ok else "[red]NOT exact[/red]: ") + ", ".join(f"{v} {k}" for k, v in counts.items()))
+    if not report.ok:
+        raise VerificationFailed("the round trip did not give every tensor back bit for bit",
+                                 hint="the table lists the tensors that differ; `mapper plan` shows their rules")
+
+
+@app.command()
+def diff(
+    a: Annotated[Path, typer.Argument(metavar="A", help="Checkpoint A (any supported format).")],
+    b: Annotated[Path, typer.Argument(metavar="B", help="Checkpoint B.")],
+    rules: Annotated[Optional[str], typer.Option("--rules", "-r", help="Map A through this rule set first (compare mapper's output with another converter's).")] = None,
+    config: ConfigOpt = None,
+    atol: Annotated[float, typer.Option("--atol", help="Values within this absolute difference count as close.")] = 0.0,
+    show_equal: Annotated[bool, typer.Option("--all", help="Also list equal tensors.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Tensor-by-tensor comparison: missing/extra keys, shape/dtype differences, max abs difference. Exit 1 if they differ."""
+    from mapper.errors import VerificationFailed
+    from mapper.verify.diff import diff_checkpoints
+
+    report = diff_checkpoints(a, b, rules=rules, config_files=config or [], atol=atol)
+    if as_json:
+        _print_json(report.to_dict())
+    else:
+        table = Table(title=f"{a} vs {b}" + (f" (A through {rules})" if rules else ""))
+        for column in ("tensor", "status", "A", "B", "max abs diff"):
+            table.add_column(column, overflow="fold")
+        for row in report.rows:
+            if row.status != "equal" or show_equal:
+                table.add_row(escape(row.key), row.status, str(row.a or "-"), str(row.b or "-"),
+                              "-" if row.max_abs is None else f"{row.max_abs:.3g}")
+        out.print(table)
+        out.print(", ".join(f"{v} {k}" for k, v in report.counts().items()))
+    if not report.ok:
+        raise VerificationFailed("the checkpoints differ", hint="see the table (or --json) for every tensor")
+
+
+# --- rules ---------------------------------------------------------------------------------
+@rules_app.command("list")
+def rules_list(as_json: JsonOpt = False) -> None:
+    """The shipped rule sets with versions and the variants they convert."""
+    from mapper.detect import builtin_rule_sets
+
+    found = builtin_rule_sets()
+    if as_json:
+        _print_json([{"name": r.name, "version": r.version, "source": r.source, "target": r.target,
+                      "variant": r.variant, "description": r.description.strip()} for r in found])
+        return
+    table = Table(title="shipped rule sets")
+    for column in ("name", "version", "source -> target", "variant"):
+        table.add_column(column, overflow="fold")
+    for r in found:
+        variant = ", ".join(f"{k}={v}" for k, v in r.variant.items())
+        table.add_row(r.name, r.version or "", f"{r.source} -> {r.target}", variant)
+    out.print(table)
+
+
+@rules_app.command("show")
+def rules_show(
+    name: Annotated[str, typer.Argument(metavar="NAME", help="Rule set name or path.")],
+    as_yaml: Annotated[bool, typer.Option("--yaml", help="Print the flattened rule set (fragments resolved) as YAML.")] = False,
+    inverse: Annotated[bool, typer.Option("--inverse", help="Show the inverse (HF -> NeoX) rule set.")] = False,
+) -> None:
+    """A rule set's header and every rule (fragments resolved), with where each was written."""
+    from mapper.spec import dump_rule_set, load_rules
+
+    ruleset = load_rules(name)
+    if inverse:
+        ruleset = ruleset.invert()
+    if as_yaml:
+        sys.stdout.write(dump_rule_set(ruleset))
+        return
+    out.print(f"[bold]{ruleset.name}[/bold] {ruleset.version}: {ruleset.source} -> {ruleset.target}"
+              + (" (inverted)" if ruleset.inverted else ""))
+    out.print(escape(ruleset.description.strip()))
+    if ruleset.parameters:
+        out.print("parameters: " + ", ".join(
+            f"{k}" + (f"={p.default}" if p.default is not None else f"={p.expr}" if p.expr else "") for k, p in ruleset.parameters.items()))
+    out.print("placeholders: " + ", ".join(f"{k}: {v}" for k, v in ruleset.placeholders.items()))
+    table = Table()
+    for column in ("id", "op", "from", "to", "when / note"):
+        table.add_column(column, overflow="fold")
+    for op in ruleset.ops:
+        source = ", ".join(op.input_patterns())
+        target = ", ".join(op.output_patterns())
+        extra = " / ".join(x for x in (op.when and f"when {op.when}", op.note) if x)
+        table.add_row(escape(op.id or ""), escape(op.describe()), escape(source), escape(target), escape(extra))
+    out.print(table)
+
+
+@rules_app.command("validate")
+def rules_validate(path: Annotated[Path, typer.Argument(metavar="PATH", help="A rule file (YAML or JSON).")]) -> None:
+    """Check a rule file against the schema and the rules of the format, with line-precise errors."""
+    from mapper.spec import load_rule_file
+
+    ruleset = load_rule_file(path)
+    out.print(f"[green]valid[/green]: {ruleset.name} {ruleset.version or ''} ({ruleset.kind}, {len(ruleset.rules)} rules "
+              f"after includes)")
+
+
+@rules_app.command("schema")
+def rules_schema() -> None:
+    """Print the JSON Schema of the rule format (schemas/ruleset.v1.json)."""
+    from mapper.spec.schema import rule_set_schema_text
+
+    sys.stdout.write(rule_set_schema_text())
+
+
+@rules_app.command("new")
+def rules_new(
+    name: Annotated[str, typer.Argument(metavar="NAME", help="Name of the new rule set (lower case, e.g. neox-te-myfork-to-hf-gpt-neox).")],
+    base: Annotated[str, typer.Option("--from", help="Shipped rule set to start from.")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder to write into.")] = Path("."),
+    force: Annotated[bool, typer.Option("--force", help="Overwrite existing files.")] = False,
+) -> None:
+    """Scaffold a rule set for a new variant: a copy of BASE and its fragments, ready to edit."""
+    from mapper.spec.scaffold import scaffold
+
+    written = scaffold(name, base, out_dir, force=force)
+    out.print(f"[green]wrote[/green] {written[0]} (+ {len(written) - 1} fragment files)")
+    out.print(f"edit it, then: mapper rules validate {written[0]} && mapper plan CHECKPOINT --rules {written[0]}")
+
+
+# --- demo ----------------------------------------------------------------------------------
+@app.command()
+def demo(
+    out_dir: Annotated[Path, typer.Option("--out", help="Where the demo writes its checkpoints.")] = Path("demo-output"),
+) -> None:
+    """Synthesise a tiny TE checkpoint (TP=2), convert it to HF, verify it, round-trip it."""
+    from mapper.demo import run_demo
+
+    run_demo(out_dir, out)
+
+
+# --- entry point ---------------------------------------------------------------------------
+_GLOBAL_FLAGS = {"--debug": "debug", "--quiet": "quiet", "-q": "quiet"}
+
+
+def _cli_exceptions() -> tuple[tuple[type, ...], tuple[type, ...], tuple[type, ...]]:
+    """(exit, abort, usage error) classes of typer, whichever click it is built on."""
+    exits: list[type] = [typer.Exit]
+    aborts: list[type] = [typer.Abort, KeyboardInterrupt]
+    usage: list[type] = [getattr(typer, "TyperException", RuntimeError)]
+    try:
+        import click
+
+        exits.append(click.exceptions.Exit)
+        aborts.append(click.exceptions.Abort)
+        usage.append(click.ClickException)
+    except ImportError:  # recent typer vendors its own click
+        pass
+    return tuple(exits), tuple(aborts), tuple(usage)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the CLI; map errors to exit codes (2 bad input, 1 verification failed, 3 bug).
+
+    ``--debug`` and ``--quiet`` work anywhere on the command line, not only before the command.
+    """
+    args = list(sys.argv[1:] if argv is None else argv)
+    for flag, name in _GLOBAL_FLAGS.items():
+        while flag in args:
+            args.remove(flag)
+            setattr(STATE, name, True)
+    if not STATE.debug:
+        warnings.filterwarnings("ignore", category=FutureWarning)
+    if args == ["--version"]:
+        from mapper import __version__
+
+        out.print(f"mapper {__version__}")
+        return
+    exits, aborts, usage = _cli_exceptions()
+    try:
+        app(args=args, prog_name="mapper", standalone_mode=False)
+    except MapperError as error:
+        if STATE.debug:
+            raise
+        label = "error" if error.exit_code == 2 else "failed"
+        err.print(f"[bold red]{label}[/bold red]: {escape(str(error))}")
+        sys.exit(error.exit_code)
+    except exits as done:
+        sys.exit(getattr(done, "exit_code", 0))
+    except aborts:
+        err.print("interrupted; nothing was left behind")
+        sys.exit(130)
+    except usage as error:
+        show = getattr(error, "show", None)
+        show(file=sys.stderr) if show else err.print(f"error: {error}")
+        sys.exit(2)
+    except Exception as error:  # noqa: BLE001 -- the last resort: a bug, said as such
+        if STATE.debug:
+            raise
+        err.print(f"[bold red]internal error[/bold red]: {type(error).__name__}: {escape(str(error))}\n"
+                  "  this is a bug in mapper; run again with --debug and report the traceback")
+        sys.exit(3)
+
+
+if __name__ == "__main__":
+    main()

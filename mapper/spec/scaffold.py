@@ -1,0 +1,66 @@
+"""``mapper rules new``: start a rule set for a new variant from a shipped one.
+
+The new rule set is a copy of the base file and every fragment it includes, with the same
+relative layout, so it is complete on its own and any rule can be edited. Nothing in Python
+changes: a new Transformer Engine variant is a YAML edit away.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import yaml
+
+from mapper.errors import MapperError, RuleFileError
+from mapper.resources import rules_dir
+from mapper.spec import builtin_rule_files, load_rule_file
+
+_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
+
+
+def scaffold(name: str, base: str, out_dir: Path, *, force: bool = False) -> list[Path]:
+    """Write ``out_dir/<name>.yaml`` and the fragments it needs; returns the files written."""
+    if not _NAME.match(name):
+        raise MapperError(f"rule set name {name!r} is not lower-case letters, digits, '.', '_' or '-'",
+                          hint="e.g. neox-te-myfork-to-hf-gpt-neox")
+    shipped = builtin_rule_files()
+    if base not in shipped:
+        raise MapperError(f"no shipped rule set named {base!r}", hint="`mapper rules list` shows them")
+    root = rules_dir().resolve()
+    sources = [shipped[base], *_fragments(shipped[base])]
+    targets = [out_dir / f"{name}.yaml"] + [out_dir / path.relative_to(root) for path in sources[1:]]
+    clashes = [t for t in targets if t.exists()]
+    if clashes and not force:
+        raise MapperError(f"{clashes[0]} exists", hint="choose another --out folder, or --force to overwrite")
+    document = yaml.safe_load(sources[0].read_text())
+    document.update(
+        name=name,
+        version="0.1.0",
+        description=f"TODO: say which variant this converts (started from {base} {document.get('version')}).",
+    )
+    for source, target in zip(sources, targets):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if source == sources[0]:
+            target.write_text(yaml.safe_dump(document, sort_keys=False, width=110))
+        else:
+            target.write_text(source.read_text())
+    load_rule_file(targets[0])  # the scaffold is valid as written
+    return targets
+
+
+def _fragments(path: Path, seen: set[Path] | None = None) -> list[Path]:
+    """Every file ``path`` includes, transitively, each once, in include order."""
+    seen = set() if seen is None else seen
+    found = []
+    try:
+        includes = (yaml.safe_load(path.read_text()) or {}).get("include", [])
+    except yaml.YAMLError as error:
+        raise RuleFileError(f"cannot read: {error}", where=path) from None
+    for name in includes:
+        fragment = (path.parent / name).resolve()
+        if fragment not in seen:
+            seen.add(fragment)
+            found.append(fragment)
+            found.extend(_fragments(fragment, seen))
+    return found
