@@ -7,8 +7,12 @@ The library in five names::
     print(plan.explain())
     result = mapper.convert(rules, state_dict_or_reader, parameters)
     back = mapper.convert(rules.invert(), result.tensors, parameters, sidecar=result.sidecar)
+    mapper.convert_checkpoint("checkpoints/", "hf-out/")      # folders: detect, convert, write
 """
 
+__version__ = "0.1.0"  # first: modules below read it
+
+from mapper.checkpoints import convert_checkpoint
 from mapper.convert import Conversion, compile, convert
 from mapper.engine import Plan, Sidecar
 from mapper.errors import (
@@ -22,10 +26,9 @@ from mapper.errors import (
 )
 from mapper.spec import RuleSet, load_rules
 
-__version__ = "0.1.0"
 
 __all__ = [
     "CheckpointError", "CompileError", "Conversion", "ConversionError", "MapperError", "Plan",
     "RuleFileError", "RuleSet", "Sidecar", "UnsafeCheckpointError", "VerificationFailed",
-    "compile", "convert", "load_rules",
+    "compile", "convert", "convert_checkpoint", "load_rules",
 ]

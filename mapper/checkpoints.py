@@ -6,7 +6,8 @@ NeoX), its parameters, the expected HF tensors -- into a :class:`Prepared` conve
 is already proven. :func:`convert_checkpoint` then streams it into a writer.
 
 Beside the HF model, a conversion writes ``mapper.json`` (which rule set, version, parameters,
-source), ``mapper-neox-config.yaml`` (the NeoX model config, so the way back restores it) and
+source), ``mapper-rules.yaml`` (the rule set exactly as used, fragments resolved, so the way back
+inverts the very same rules), ``mapper-neox-config.yaml`` (the NeoX model config, so the way back restores it) and
 ``mapper-sidecar.safetensors`` (what lossy rules removed: FP8 metadata, cut vocabulary rows...).
 An HF -> NeoX conversion reads them back when present, which makes NeoX -> HF -> NeoX exact.
 """
@@ -14,7 +15,8 @@ An HF -> NeoX conversion reads them back when present, which makes NeoX -> HF ->
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -30,13 +32,14 @@ from mapper.engine.execute import target_manifest
 from mapper.errors import CheckpointError, MapperError
 from mapper.formats import HFCheckpoint, NeoXCheckpoint, open_checkpoint
 from mapper.formats.hf_writer import HFWriter
-from mapper.formats.naming import parse_neox_key
+from mapper.formats.naming import layer_file_name, mp_rank_file_name, parse_neox_key
 from mapper.formats.neox_writer import NeoXWriter
 from mapper.formats.output import write_bytes_atomic
 from mapper.hf_models import expected_tensors, transformers_available
-from mapper.spec import RuleSet, load_rules
+from mapper.spec import RuleSet, dump_rule_set, load_rules
 
 RECORD_FILE = "mapper.json"
+RULES_FILE = "mapper-rules.yaml"
 NEOX_CONFIG_FILE = "mapper-neox-config.yaml"
 HF_TARGETS = {"gpt_neox": "hf-gpt-neox", "llama": "hf-llama"}
 ARCH_OF_TARGET = {target: arch for arch, target in HF_TARGETS.items()}
@@ -148,7 +151,7 @@ def detect_checkpoint(src: str | Path, *, config_files: Sequence[str | Path] = (
     record = _read_record(source.path)
     target = _hf_target(source)
     if record is not None:
-        named = Candidate(_load(record["rules"]), notes=[f"{RECORD_FILE} names it (written by the conversion that made {source.path.name})"])
+        named = Candidate(recorded_rules(source.path), notes=[f"{RECORD_FILE} names it (written by the conversion that made {source.path.name})"])
         return Detection(named, [named])
     model = NeoXModelConfig.from_hf_config(source.config or {}, tp=1)
     inverses = [r.invert() for r in builtin_rule_sets(source="neox", target=target)]
@@ -211,7 +214,7 @@ def _prepare_neox_to_hf(
     notes.extend(_dropped_notes(plan))
     return Prepared(
         "neox-to-hf", source, chosen, chosen, model, plan.parameters, plan, hf_config,
-        load_neox_yaml(files), detection=detection, notes=notes,
+        _read_neox_yaml(files), detection=detection, notes=notes,
     )
 
 
@@ -224,9 +227,30 @@ def _neox_model(
     parameters = _inferred_parameters(manifest, source.tp)
     if not files:
         return None, parameters, ["no NeoX config found (configs/ or --config): parameters are read off the checkpoint"]
-    raw = load_neox_yaml(files)
-    model = NeoXModelConfig.from_neox_yaml(raw, tp=source.tp, padded_vocab_size=_padded_vocab(manifest, source.tp))
+    raw = _read_neox_yaml(files)
+    _check_rank_files(source, raw)
+    with _config_hint():
+        model = NeoXModelConfig.from_neox_yaml(raw, tp=source.tp, padded_vocab_size=_padded_vocab(manifest, source.tp))
     return model, {**parameters, **model.rule_parameters()}, []
+
+
+def _check_rank_files(source: NeoXCheckpoint, raw: Mapping[str, Any]) -> None:
+    """Refuse a checkpoint with files of fewer TP ranks than its config was trained with (a
+    rank's files not copied): read as is, it would look like a smaller model."""
+    declared = raw.get("model_parallel_size")
+    if not isinstance(declared, int) or isinstance(declared, bool) or declared <= source.tp:
+        return
+    if source.layout == "sequential":
+        missing = mp_rank_file_name(source.tp)
+    else:
+        missing = layer_file_name(min(source.layer_indices), source.tp)
+    raise CheckpointError(
+        f"the model config says model-parallel-size {declared}, but only {source.tp} TP rank(s) "
+        f"have files here ({missing} is missing)",
+        where=source.path / missing,
+        hint="copy the files of every TP rank (each rank saves its own), or pass --config with the "
+        "config this checkpoint was saved with",
+    )
 
 
 def _padded_vocab(manifest: Mapping[str, Any], tp: int) -> int | None:
@@ -282,8 +306,8 @@ def _prepare_hf_to_neox(
         if forward.source == "hf-gpt-neox" or forward.source == "hf-llama":
             forward = forward.invert()
     elif record is not None:
-        forward = _load(record["rules"])
-        notes.append(f"rule set {forward.name} taken from {RECORD_FILE} (the conversion that made this folder)")
+        forward = recorded_rules(source.path)
+        notes.append(f"rule set {forward.name} {forward.version} as recorded by the conversion that made this folder")
     else:
         candidates = [r.name for r in builtin_rule_sets(source="neox", target=target)]
         raise MapperError(
@@ -300,15 +324,17 @@ def _prepare_hf_to_neox(
         )
 
     out_tp = tp or (record or {}).get("parameters", {}).get("tp") or 1
+    _check_tp(source, out_tp)
     saved_yaml = source.path / NEOX_CONFIG_FILE
     files = [Path(p) for p in config_files] or ([saved_yaml] if saved_yaml.is_file() else [])
-    raw = load_neox_yaml(files) if files else {}
+    raw = _read_neox_yaml(files) if files else {}
     hf_vocab = int(source.config["vocab_size"])
-    if raw:
-        raw = {**raw, "model_parallel_size": out_tp}
-        model = NeoXModelConfig.from_neox_yaml(raw, tp=out_tp, padded_vocab_size=_repadded(raw, hf_vocab, out_tp))
-    else:
-        model = NeoXModelConfig.from_hf_config(source.config, tp=out_tp)
+    with _config_hint():
+        if raw:
+            raw = {**raw, "model_parallel_size": out_tp}
+            model = NeoXModelConfig.from_neox_yaml(raw, tp=out_tp, padded_vocab_size=_repadded(raw, hf_vocab, out_tp))
+        else:
+            model = NeoXModelConfig.from_hf_config(source.config, tp=out_tp)
         variant = {k: v for k, v in forward.variant.items() if k in NeoXModelConfig.model_fields}
         model = model.model_copy(update=variant)
     parameters = {**model.rule_parameters(), "tp": out_tp}
@@ -336,6 +362,44 @@ def _hf_target(source: HFCheckpoint) -> str:
     return HF_TARGETS[str(model_type)]
 
 
+def _check_tp(source: HFCheckpoint, tp: int) -> None:
+    """Refuse a TP degree the attention heads cannot be split over, naming the degrees that work."""
+    config = source.config or {}
+    heads = config.get("num_attention_heads")
+    kv_heads = config.get("num_key_value_heads") or heads
+    if not (isinstance(heads, int) and isinstance(kv_heads, int) and heads > 0 and kv_heads > 0):
+        return  # the config translation reports a malformed config
+    if heads % tp or kv_heads % tp:
+        fits = [d for d in range(1, kv_heads + 1) if heads % d == 0 and kv_heads % d == 0]
+        raise MapperError(
+            f"--tp {tp}: the model's {heads} attention heads ({kv_heads} key/value heads) cannot be split "
+            f"evenly over {tp} tensor-parallel ranks",
+            where=source.path / "config.json",
+            hint=f"choose a --tp that divides the heads: {', '.join(map(str, fits))}",
+        )
+
+
+def _read_neox_yaml(files: Sequence[Path]) -> dict[str, Any]:
+    """:func:`load_neox_yaml`, with a fix added to the errors that come without one."""
+    with _config_hint():
+        return load_neox_yaml(files)
+
+
+@contextmanager
+def _config_hint() -> Iterator[None]:
+    """Give a model-config error that has no fix of its own (a wrong --config path, YAML that
+    does not parse, values that contradict each other) the usual fix."""
+    try:
+        yield
+    except MapperError as error:
+        if error.hint is None:
+            error.hint = (
+                "check the --config file(s) (NeoX saves the config it trained with under configs/ in "
+                "the checkpoint folder), or the HF folder's config.json"
+            )
+        raise
+
+
 def _repadded(raw: Mapping[str, Any], hf_vocab: int, tp: int) -> int:
     divisible_by = int(raw.get("make_vocab_size_divisible_by", 128))
     return pad_vocab_size(hf_vocab, divisible_by, tp)
@@ -343,6 +407,18 @@ def _repadded(raw: Mapping[str, Any], hf_vocab: int, tp: int) -> int:
 
 def _hyphenated(raw: Mapping[str, Any]) -> dict[str, Any]:
     return {key.replace("_", "-"): value for key, value in raw.items()}
+
+
+def recorded_rules(folder: Path) -> RuleSet:
+    """The rule set a mapper conversion used to write ``folder``: its saved copy, else by name."""
+    saved = folder / RULES_FILE
+    if saved.is_file():
+        return load_rules(saved)
+    record = _read_record(folder)
+    if record is None:
+        raise CheckpointError(f"{folder} was not written by mapper (no {RECORD_FILE})", where=folder,
+                              hint="name the rule set with --rules")
+    return load_rules(record["rules"])
 
 
 def _read_record(folder: Path) -> dict[str, Any] | None:
@@ -406,6 +482,7 @@ def _write_extras(ready: Prepared, staging: Path, report: ExecutionReport, part:
     suffix = f".part-{part[0]:05d}-of-{part[1]:05d}" if part else ""
     if part is None or part[0] == part[1]:
         write_bytes_atomic(staging / RECORD_FILE, (json.dumps(ready.record(), indent=2) + "\n").encode())
+        write_bytes_atomic(staging / RULES_FILE, dump_rule_set(ready.forward_rules).encode())
         write_bytes_atomic(staging / NEOX_CONFIG_FILE, yaml.safe_dump(_plain(ready.neox_yaml), sort_keys=False).encode())
     if report.sidecar.entries or report.sidecar.dropped:
         name = SIDECAR_FILE.replace(".safetensors", f"{suffix}.safetensors")

@@ -39,13 +39,16 @@ app.add_typer(rules_app, name="rules")
 
 
 class State:
+    """The flags of the current invocation (reset by :func:`main`)."""
+
     debug = False
     quiet = False
 
 
 STATE = State()
-out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+# Piped or redirected output gets wide tables instead of the 80-column default.
+out = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
+err = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 200)
 
 RulesOpt = Annotated[Optional[str], typer.Option("--rules", "-r", help="Rule set name (`mapper rules list`) or path to a rule file. Detected when not given.")]
 ConfigOpt = Annotated[Optional[list[Path]], typer.Option("--config", "-c", help="NeoX YAML config file(s), merged as NeoX merges them. Default: the checkpoint's configs/.")]
@@ -533,6 +536,7 @@ def main(argv: list[str] | None = None) -> None:
     ``--debug`` and ``--quiet`` work anywhere on the command line, not only before the command.
     """
     args = list(sys.argv[1:] if argv is None else argv)
+    STATE.debug = STATE.quiet = False  # one invocation's flags never leak into the next
     for flag, name in _GLOBAL_FLAGS.items():
         while flag in args:
             args.remove(flag)

@@ -169,12 +169,12 @@ class Plan:
         """One row per target: its sources (ranks folded), the op chain, the target."""
         rows = []
         for key, value in self.targets.items():
-            nodes = self.lineage(key)
+            steps = {n.rule_id: n.op for n in self.lineage(key)}  # one entry per rule, not per rank
             rows.append(
                 {
                     "sources": fold_ranks(self.source_keys_of(key)),
-                    "ops": [n.op.describe() for n in nodes] or ["(unchanged)"],
-                    "rules": [n.rule_id for n in nodes],
+                    "ops": [op.describe() for op in steps.values()] or ["(unchanged)"],
+                    "rules": list(steps),
                     "target": key,
                     "meta": str(value.meta),
                 }

@@ -26,6 +26,12 @@ a released tensor simply loads its file again. Legacy non-zip files cannot be me
 are read whole, and only the most recently used one is kept, so memory stays bounded by the
 largest file.
 
+Read-ahead. Reading a tensor from a cold memory map blocks on the disk page by page; so when
+``get`` first touches a pipeline-layout file, the reader asks the kernel
+(``posix_fadvise(WILLNEED)``, asynchronous) to read that file and the files after it in layer
+order (up to :data:`PREFETCH_BYTES`) into the page cache, overlapping disk reads with the
+caller's work on the current layer. This only warms the page cache: no memory of the process.
+
 Optimizer files (``*optim_states.pt``), ``zero_to_fp32.py`` and ``latest`` are ignored; any other
 unknown ``.pt``/``.bin`` file is an error (it may hold weights that would silently be dropped);
 other unknown files and non-tensor values in state dicts are recorded in :attr:`notes`.
@@ -34,6 +40,7 @@ other unknown files and non-tensor values in state dicts are recorded in :attr:`
 from __future__ import annotations
 
 import difflib
+import os
 import re
 import threading
 from collections.abc import Mapping
@@ -61,6 +68,7 @@ IGNORED_FILES = re.compile(r"^(.*optim_states\.pt|zero_to_fp32\.py|latest|latest
 WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
 CONFIG_SUFFIXES = (".yml", ".yaml", ".json")
 SMALL_REMAINDER = 1 << 20  # bytes of not-yet-requested tensors copied out to release a file map
+PREFETCH_BYTES = 512 << 20  # how far ahead (in file bytes) the page cache is warmed
 LOOKED_FOR = (
     "layer_XX-model_YY-model_states.pt (pipeline layout), mp_rank_YY_model_states.pt "
     "(sequential layout), a 'latest' file naming the tag folder, or one global_step* folder"
@@ -170,6 +178,7 @@ class NeoXCheckpoint:
         # per loaded file: the in-file keys ``get`` has not handed out since it was loaded
         self._pending: dict[Path, set[str]] = {}
         self._copied: set[Path] = set()  # cached dicts holding only copies of the pending tensors
+        self._prefetched: set[Path] = set()
         self._index: dict[str, _Located] | None = None
         self._manifest: dict[str, TensorMeta] | None = None
         self.layer_files, self.mp_rank_files = self._scan()
@@ -370,9 +379,37 @@ class NeoXCheckpoint:
     def get(self, key: str) -> torch.Tensor:
         """The tensor ``key``; a view of a memory map for zip files (do not write to it)."""
         located = self._locate(key)
-        tensor = self._load_file(located.file, located.inner)[located.inner]
+        tensors = self._load_file(located.file, located.inner)
+        if self.layout == PIPELINE and located.file not in self._prefetched:
+            self._prefetch(located.file)
+        tensor = tensors[located.inner]
         self._handed_out(located.file, located.inner)
         return tensor
+
+    def _prefetch(self, file: Path) -> None:
+        """Start reading ``file`` and the next layer files into the page cache (module docstring)."""
+        order = [f for _, f in sorted(self.layer_files.items())]
+        ahead = order[order.index(file):] if file in order else [file]
+        budget = PREFETCH_BYTES
+        for i, path in enumerate(ahead):
+            if path in self._prefetched:
+                continue
+            try:
+                size = path.stat().st_size
+                if i > 1 and size > budget:
+                    break
+                budget -= size
+                self._prefetched.add(path)
+                if hasattr(os, "posix_fadvise"):
+                    fd = os.open(path, os.O_RDONLY)
+                    try:
+                        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+                    finally:
+                        os.close(fd)
+            except OSError:
+                pass  # only a hint
+            if budget <= 0:
+                break
 
     def _handed_out(self, file: Path, inner: str) -> None:
         """Let go of ``file``'s map once its tensors were handed out (see the module docstring)."""

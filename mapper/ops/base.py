@@ -59,7 +59,7 @@ class Op(BaseModel):
     name: ClassVar[str]
     id: str | None = Field(
         None,
-        description="Stable name of this rule (reports, sidecar). Defaults to '<file name>#<index>'.",
+        description="Stable name of this rule (reports, sidecar). Default: the file's name and the rule's index, e.g. 'neox-common#0'.",
     )
     when: str | None = Field(
         None,

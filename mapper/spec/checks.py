@@ -13,6 +13,11 @@ from mapper.ops import Op
 from mapper.patterns import Pattern
 from mapper.spec.models import RuleSet
 
+GENERAL_HINT = (
+    "placeholders must appear on both sides of a rule (fuse/split: all but `over`); "
+    "every other name in a pattern or expression must be a declared parameter"
+)
+
 
 def check_rule_set(ruleset: RuleSet) -> None:
     """Raise one RuleFileError listing every problem found, each with its rule's location."""
@@ -29,27 +34,29 @@ def check_rule_set(ruleset: RuleSet) -> None:
         if unknown:
             problems.append(f"placeholder {name!r}: range uses undeclared {', '.join(sorted(unknown))}")
 
+    hints: list[str] = []  # fixes of specific problems (a forbidden expression...)
     for index, op in enumerate(ruleset.ops):
-        for problem in _check_op(op, ruleset, parameters):
+        for problem in _check_op(op, ruleset, parameters, hints):
             origin = ruleset.origin(op.id) or f"rule {index}"
             problems.append(f"{origin} [{op.id}]: {problem}")
 
     if problems:
         shown = "\n".join(f"  - {p}" for p in problems)
+        if len(hints) < len(problems):
+            hints.append(GENERAL_HINT)
         raise RuleFileError(
-            f"rule set {ruleset.name!r} has {len(problems)} problem(s):\n{shown}",
-            hint="placeholders must appear on both sides of a rule (fuse/split: all but `over`); "
-            "every other name in a pattern or expression must be a declared parameter",
+            f"rule set {ruleset.name!r} has {len(problems)} problem(s):\n{shown}", hint="; ".join(dict.fromkeys(hints))
         )
 
 
-def _check_op(op: Op, ruleset: RuleSet, parameters: set[str]) -> list[str]:
+def _check_op(op: Op, ruleset: RuleSet, parameters: set[str], hints: list[str]) -> list[str]:
     problems: list[str] = []
     choices = ruleset.choices
     try:
         inputs = [Pattern(p, parameters, choices) for p in op.input_patterns()]
         outputs = [Pattern(p, parameters, choices) for p in op.output_patterns()]
     except RuleFileError as error:
+        hints.append(error.hint or GENERAL_HINT)
         return [error.message]
 
     for expression in op.expressions() + ([op.when] if op.when else []):
@@ -57,6 +64,7 @@ def _check_op(op: Op, ruleset: RuleSet, parameters: set[str]) -> list[str]:
             unknown = parse(expression).names - parameters
         except RuleFileError as error:
             problems.append(error.message)
+            hints.append(error.hint or GENERAL_HINT)
             continue
         if unknown:
             problems.append(f"expression {expression!r} uses undeclared {', '.join(sorted(unknown))}")

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import difflib
 import json
+import os
 from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
+from stat import S_ISREG
 from typing import Any
 
 import jsonschema
@@ -29,8 +31,7 @@ Path_ = tuple[Any, ...]
 
 def load_rule_file(path: str | Path) -> RuleSet:
     """Load one file and everything it includes into a flat, checked rule set."""
-    path = Path(path)
-    flat = _resolve(path.resolve(), stack=())
+    flat = _resolve(_include_path(Path.cwd(), str(path), str(path), top=True), stack=())
     check_rule_set(flat)
     return flat
 
@@ -115,7 +116,10 @@ def _construct(
     try:
         return loader.construct_object(node, deep=True)
     except yaml.YAMLError as error:
-        raise RuleFileError(f"bad value: {error}", where=_at(where, node.start_mark)) from None
+        raise RuleFileError(
+            f"bad value: {error}", where=_at(where, node.start_mark),
+            hint="rule files hold plain values only: strings, numbers, booleans, lists and mappings",
+        ) from None
 
 
 def _construct_collection(
@@ -128,7 +132,8 @@ def _construct_collection(
         key = _construct(loader, key_node, path + ("<key>",), {}, where, budget)
         if not isinstance(key, (str, int, float, bool)) or key is None:
             raise RuleFileError(
-                "mapping keys must be plain scalars", where=_at(where, key_node.start_mark)
+                "mapping keys must be plain scalars", where=_at(where, key_node.start_mark),
+                hint="write keys as plain words (field names, op names); quote a key containing '{' or '['",
             )
         if key in result:
             raise RuleFileError(
@@ -240,21 +245,41 @@ def _data_path(data: Any, loc: tuple) -> Path_:
 
 
 # --- includes --------------------------------------------------------------------------
+MAX_RULE_FILE_BYTES = 10 * 2**20  # rule files are small; anything bigger is a wrong path
+
+
 def _resolve(path: Path, stack: tuple[Path, ...]) -> RuleSet:
     if path in stack:
         cycle = " -> ".join(p.name for p in stack + (path,))
         raise RuleFileError(f"include cycle: {cycle}", where=stack[-1], hint="remove one of the includes")
+    stat = _stat_rule_file(path, stack)
+    ruleset, positions = _validated_file(path, stat.st_mtime_ns, stat.st_size)
+    return _assemble(ruleset, positions, path, path.parent, stack + (path,))
+
+
+def _stat_rule_file(path: Path, stack: tuple[Path, ...]) -> os.stat_result:
+    """A rule file's stat, after refusing what cannot be one (errors on an include point at the
+    including file)."""
+    including = stack[-1] if stack else None
+    where = including or path
+    fix_path = (
+        f"paths in `include` are relative to the including file ({including.name})"
+        if including else "check the path; `mapper rules list` shows the shipped rule sets by name"
+    )
     try:
         stat = path.stat()
     except FileNotFoundError:
+        raise RuleFileError(f"rule file not found: {path}", where=where, hint=fix_path) from None
+    except (OSError, ValueError) as error:
+        raise RuleFileError(f"cannot read rule file {path}: {error}", where=where, hint=fix_path) from None
+    if not S_ISREG(stat.st_mode):
+        raise RuleFileError(f"{path} is not a file", where=where, hint=f"name a YAML or JSON rule file; {fix_path}")
+    if stat.st_size > MAX_RULE_FILE_BYTES:
         raise RuleFileError(
-            "rule file not found", where=stack[-1] if stack else path,
-            hint=f"no file {path}; paths in `include` are relative to the including file",
-        ) from None
-    except OSError as error:
-        raise RuleFileError(f"cannot read rule file: {error}", where=path) from None
-    ruleset, positions = _validated_file(path, stat.st_mtime_ns, stat.st_size)
-    return _assemble(ruleset, positions, path, path.parent, stack + (path,))
+            f"{path} has {stat.st_size} bytes; rule files have at most {MAX_RULE_FILE_BYTES}", where=where,
+            hint=f"is this really a rule file? {fix_path}",
+        )
+    return stat
 
 
 @lru_cache(maxsize=256)
@@ -262,8 +287,13 @@ def _validated_file(path: Path, mtime_ns: int, size: int) -> tuple[RuleSet, dict
     """One file read and validated (cached by path, modification time and size)."""
     try:
         text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as error:
-        raise RuleFileError(f"cannot read rule file: {error}", where=path) from None
+    except UnicodeDecodeError as error:
+        raise RuleFileError(
+            f"not UTF-8 text ({error.reason} at byte {error.start})", where=path,
+            hint="rule files are YAML or JSON text; save the file as UTF-8",
+        ) from None
+    except OSError as error:
+        raise RuleFileError(f"cannot read rule file: {error}", where=path, hint="check the file's permissions") from None
     data, positions = parse_document(text, str(path))
     return _validate(data, positions, str(path)), positions
 
@@ -272,6 +302,16 @@ def _validate(data: Any, positions: dict, where: str) -> RuleSet:
     _check_rule_shapes(data, positions, where)
     _check_schema(data, positions, where)
     return _check_model(data, positions, where)
+
+
+def _include_path(base: Path, name: str, where: str, *, top: bool = False) -> Path:
+    try:
+        return (base / name).resolve()
+    except (OSError, ValueError) as error:  # a NUL byte, a path too long, a symlink loop...
+        raise RuleFileError(
+            f"{'' if top else 'include '}{name!r} is not a usable path ({error})", where=where,
+            hint="check the path" if top else "paths in `include` are relative to the including file",
+        ) from None
 
 
 def _build(data: Any, positions: dict, path: Path, base: Path, stack: tuple[Path, ...]) -> RuleSet:
@@ -283,22 +323,28 @@ def _assemble(ruleset: RuleSet, positions: dict, path: Path, base: Path, stack: 
     where = str(path)
 
     parts: list[tuple[RuleSet, str]] = [
-        (_resolve((base / name).resolve(), stack), str((base / name))) for name in ruleset.include
+        (_resolve(_include_path(base, name, str(path)), stack), str((base / name))) for name in ruleset.include
     ]
     own_ids = {}
     own_rules = []
     for index, op in enumerate(ruleset.ops):
         rule_id = op.id or f"{ruleset.name}#{index}"
         line = positions.get(("rules", index), (0, 0))[0]
+        if rule_id in own_ids:
+            raise RuleFileError(
+                f"rule id {rule_id!r} occurs twice ({own_ids[rule_id]} and {where}:{line} (rule {index}, {op.name}))",
+                where=f"{where}:{line}", hint="give each rule its own `id` (or none: the default is unique)",
+            )
         own_ids[rule_id] = f"{where}:{line} (rule {index}, {op.name})"
         own_rules.append(wrap(op.model_copy(update={"id": rule_id})))
 
     parameters = dict(ruleset.parameters)
     placeholders = dict(ruleset.placeholders)
     rules, origins = [], {}
+    defined: dict[tuple[str, str], str] = {}
     for fragment, fragment_path in parts:
-        _merge(parameters, fragment.parameters, "parameter", fragment_path, where)
-        _merge(placeholders, fragment.placeholders, "placeholder", fragment_path, where)
+        _merge(parameters, fragment.parameters, "parameter", fragment_path, where, defined)
+        _merge(placeholders, fragment.placeholders, "placeholder", fragment_path, where, defined)
         rules.extend(fragment.rules)
         origins.update(fragment._origins)
     rules.extend(own_rules)
@@ -319,14 +365,25 @@ def _assemble(ruleset: RuleSet, positions: dict, path: Path, base: Path, stack: 
     return flat.with_origins(origins)
 
 
-def _merge(into: dict, new: Mapping, what: str, source: str, where: str) -> None:
+def _merge(into: dict, new: Mapping, what: str, source: str, where: str, defined: dict[tuple[str, str], str]) -> None:
+    """Add a fragment's parameters or placeholders; ``defined`` records who defined each first."""
     for name, value in new.items():
+        first = defined.get((what, name), where)
         if name in into and into[name] != value:
             raise RuleFileError(
-                f"fragments disagree on {what} {name!r}: {into[name]!r} vs {value!r} (from {source})",
+                f"fragments disagree on {what} {name!r}: {first} defines it as {_plain(into[name])}, "
+                f"{source} as {_plain(value)}",
                 where=where, hint=f"define {what} {name!r} the same way everywhere, or in one place",
             )
         into[name] = value
+        defined.setdefault((what, name), source)
+
+
+def _plain(value: Any) -> str:
+    """A parameter or placeholder as the rule file writes it."""
+    if hasattr(value, "model_dump"):
+        value = value.model_dump(exclude_none=True, by_alias=True)
+    return json.dumps(value)
 
 
 def dump_rule_set(ruleset: RuleSet, *, fmt: str = "yaml") -> str:

@@ -1,8 +1,8 @@
 """``mapper rules new``: start a rule set for a new variant from a shipped one.
 
-The new rule set is a copy of the base file and every fragment it includes, with the same
-relative layout, so it is complete on its own and any rule can be edited. Nothing in Python
-changes: a new Transformer Engine variant is a YAML edit away.
+The new rule set is a copy of the base file next to a copy of every shipped fragment, in the
+same relative layout, so it is complete on its own: swap an include for another fragment, edit a
+rule, add one. Nothing in Python changes: a new Transformer Engine variant is a YAML edit away.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from mapper.errors import MapperError, RuleFileError
+from mapper.errors import MapperError
 from mapper.resources import rules_dir
 from mapper.spec import builtin_rule_files, load_rule_file
 
@@ -28,7 +28,7 @@ def scaffold(name: str, base: str, out_dir: Path, *, force: bool = False) -> lis
     if base not in shipped:
         raise MapperError(f"no shipped rule set named {base!r}", hint="`mapper rules list` shows them")
     root = rules_dir().resolve()
-    sources = [shipped[base], *_fragments(shipped[base])]
+    sources = [shipped[base], *sorted((root / "fragments").rglob("*.yaml"))]
     targets = [out_dir / f"{name}.yaml"] + [out_dir / path.relative_to(root) for path in sources[1:]]
     clashes = [t for t in targets if t.exists()]
     if clashes and not force:
@@ -47,20 +47,3 @@ def scaffold(name: str, base: str, out_dir: Path, *, force: bool = False) -> lis
             target.write_text(source.read_text())
     load_rule_file(targets[0])  # the scaffold is valid as written
     return targets
-
-
-def _fragments(path: Path, seen: set[Path] | None = None) -> list[Path]:
-    """Every file ``path`` includes, transitively, each once, in include order."""
-    seen = set() if seen is None else seen
-    found = []
-    try:
-        includes = (yaml.safe_load(path.read_text()) or {}).get("include", [])
-    except yaml.YAMLError as error:
-        raise RuleFileError(f"cannot read: {error}", where=path) from None
-    for name in includes:
-        fragment = (path.parent / name).resolve()
-        if fragment not in seen:
-            seen.add(fragment)
-            found.append(fragment)
-            found.extend(_fragments(fragment, seen))
-    return found

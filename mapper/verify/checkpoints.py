@@ -6,15 +6,15 @@ or detected, or given) so that a divergence can name the rules that produced its
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-from mapper.checkpoints import RECORD_FILE, prepare
+from mapper.checkpoints import RECORD_FILE, prepare, recorded_rules
 from mapper.errors import CheckpointError, MapperError
 from mapper.hf_models import load_model
+from mapper.spec import RuleSet
 from mapper.verify.compare import verify_conversion
 from mapper.verify.report import VerifyReport
 
@@ -23,7 +23,7 @@ def verify_checkpoints(
     neox: str | Path,
     hf: str | Path,
     *,
-    rules: str | Path | None = None,
+    rules: str | Path | RuleSet | None = None,
     config_files: Sequence[str | Path] = (),
     dtype: torch.dtype = torch.float32,
     text: str | None = None,
@@ -36,12 +36,8 @@ def verify_checkpoints(
     rtol: float | None = None,
 ) -> VerifyReport:
     """Compare a NeoX checkpoint with the HF folder converted from it, layer by layer."""
-    record = Path(hf) / RECORD_FILE
-    if rules is None and record.is_file():
-        try:
-            rules = json.loads(record.read_text())["rules"]
-        except (OSError, ValueError, KeyError):
-            raise CheckpointError(f"cannot read {RECORD_FILE}", where=record, hint="delete it or pass --rules") from None
+    if rules is None and (Path(hf) / RECORD_FILE).is_file():
+        rules = recorded_rules(Path(hf))
     prepared = prepare(neox, rules=rules, config_files=config_files)
     if prepared.direction != "neox-to-hf":
         raise MapperError(

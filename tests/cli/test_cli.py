@@ -1,0 +1,131 @@
+"""The command line as a user meets it: help for every command, results, exit codes, no tracebacks."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file, save_file
+
+from mapper.cli import main
+from mapper.testing import synthesize_variant, write_neox_checkpoint
+
+COMMANDS = [
+    [], ["convert"], ["finalize"], ["plan"], ["detect"], ["verify"], ["roundtrip"], ["diff"], ["demo"],
+    ["rules"], ["rules", "list"], ["rules", "show"], ["rules", "validate"], ["rules", "schema"], ["rules", "new"],
+]
+
+
+def run(capsys, *args: str) -> tuple[int, str, str]:
+    try:
+        main(list(args))
+        code = 0
+    except SystemExit as done:
+        code = int(done.code or 0)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.fixture(scope="module")
+def te_checkpoint(tmp_path_factory) -> Path:
+    config, tensors = synthesize_variant("te-full", tp=2)
+    return write_neox_checkpoint(tensors, config, tmp_path_factory.mktemp("ckpt") / "neox")
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=[" ".join(c) or "mapper" for c in COMMANDS])
+def test_every_command_has_help(command, capsys):
+    code, out, _ = run(capsys, *command, "--help")
+    assert code == 0 and "Usage" in out
+
+
+def test_the_console_script_runs(te_checkpoint):
+    done = subprocess.run([sys.executable, "-m", "mapper.cli", "detect", str(te_checkpoint)], capture_output=True, text=True)
+    assert done.returncode == 0 and "neox-te-to-hf-gpt-neox" in done.stdout
+    assert subprocess.run([sys.executable, "-m", "mapper.cli", "--version"], capture_output=True, text=True).stdout.startswith("mapper ")
+
+
+def test_convert_plan_verify_roundtrip_and_json(te_checkpoint, tmp_path, capsys):
+    code, out, _ = run(capsys, "plan", str(te_checkpoint), "--json")
+    plan = json.loads(out)
+    assert code == 0 and plan["rules"] == "neox-te-to-hf-gpt-neox" and plan["peak_memory_bytes"] > 0
+    assert any(row["target"].startswith("(dropped: stale pre-fix") for row in plan["tensors"])
+
+    code, out, err = run(capsys, "convert", str(te_checkpoint), str(tmp_path / "hf"), "--json", "--max-shard-size", "100KB")
+    summary = json.loads(out)
+    assert code == 0 and summary["files"] > 1 and summary["direction"] == "neox-to-hf"
+    assert "converting" in err  # the progress bar goes to stderr
+    assert (tmp_path / "hf" / "model.safetensors.index.json").is_file()
+
+    code, out, _ = run(capsys, "verify", str(te_checkpoint), str(tmp_path / "hf"), "--json")
+    assert code == 0 and json.loads(out)["ok"] is True
+
+    code, out, _ = run(capsys, "roundtrip", str(te_checkpoint), "--json")
+    assert code == 0 and json.loads(out)["ok"] is True
+
+    code, out, _ = run(capsys, "convert", str(tmp_path / "hf"), str(tmp_path / "neox"), "--quiet")
+    assert code == 0 and out.startswith("wrote")
+    code, out, _ = run(capsys, "diff", str(te_checkpoint), str(tmp_path / "neox"), "--json")
+    assert code == 0 and json.loads(out)["counts"] == {"equal": 78}
+
+
+def test_a_tampered_hf_model_fails_verification_with_exit_1(te_checkpoint, tmp_path, capsys):
+    run(capsys, "convert", str(te_checkpoint), str(tmp_path / "hf"), "-q")
+    weights = tmp_path / "hf" / "model.safetensors"
+    tensors = load_file(weights)
+    tensors["gpt_neox.layers.1.post_attention_layernorm.weight"] += 0.5
+    save_file(tensors, weights, metadata={"format": "pt"})
+    code, out, err = run(capsys, "verify", str(te_checkpoint), str(tmp_path / "hf"))
+    assert code == 1
+    assert "first divergence at blocks.1" in out
+    assert "failed:" in err and "Traceback" not in err
+    code, _, _ = run(capsys, "diff", str(tmp_path / "hf"), str(tmp_path / "hf"))
+    assert code == 0
+
+
+def test_bad_input_exits_2_with_one_clear_message_and_no_traceback(tmp_path, capsys):
+    code, _, err = run(capsys, "convert", str(tmp_path / "missing"), str(tmp_path / "out"))
+    assert code == 2 and "no such file or folder" in err and "hint:" in err and "Traceback" not in err
+    code, _, err = run(capsys, "convert", "--bogus", "a", "b")
+    assert code == 2 and "No such option" in err
+    code, _, err = run(capsys, "convert", str(tmp_path), str(tmp_path / "o"), "--part", "3/2")
+    assert code == 2
+    assert not (tmp_path / "o").exists()
+
+
+def test_debug_shows_the_traceback(tmp_path, capsys):
+    with pytest.raises(Exception, match="no such file"):
+        main(["convert", str(tmp_path / "missing"), str(tmp_path / "out"), "--debug"])
+
+
+def test_rules_commands(tmp_path, capsys):
+    code, out, _ = run(capsys, "rules", "list", "--json")
+    names = {r["name"] for r in json.loads(out)}
+    assert code == 0 and "neox-te-to-hf-gpt-neox" in names and len(names) == 11
+    code, out, _ = run(capsys, "rules", "show", "neox-te-to-hf-gpt-neox")
+    assert code == 0 and "gpt-neox-names-mlp-te#1" in out and "stale pre-fix" in out
+    code, out, _ = run(capsys, "rules", "show", "neox-te-to-hf-gpt-neox", "--inverse", "--yaml")
+    assert code == 0 and "inverted: true" in out
+    code, out, _ = run(capsys, "rules", "schema")
+    assert code == 0 and json.loads(out)["title"].startswith("mapper rule set")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("schema_version: 1\nname: bad\nversion: 1.0.0\ndescription: d\nsource: a\ntarget: b\nrules:\n  - renam: {from: a, to: b}\n")
+    code, _, err = run(capsys, "rules", "validate", str(bad))
+    assert code == 2 and "bad.yaml:8:5" in err and "did you mean 'rename'" in err
+    code, out, _ = run(capsys, "rules", "new", "mine", "--from", "neox-to-hf-gpt-neox", "--out", str(tmp_path / "r"))
+    assert code == 0 and (tmp_path / "r" / "mine.yaml").is_file()
+    code, _, err = run(capsys, "rules", "new", "mine", "--from", "neox-to-hf-gpt-neox", "--out", str(tmp_path / "r"))
+    assert code == 2 and "--force" in err
+
+
+def test_demo_runs_end_to_end(tmp_path, capsys):
+    code, out, _ = run(capsys, "demo", "--out", str(tmp_path / "demo"))
+    assert code == 0
+    assert "verdict: OK" in out and "bit-exact" in out and "stale pre-fix post_attention_layernorm" in out
+    code, _, _ = run(capsys, "demo", "--out", str(tmp_path / "demo"))  # reruns over its own output
+    assert code == 0
+    (tmp_path / "other").mkdir()
+    code, _, err = run(capsys, "demo", "--out", str(tmp_path / "other"))
+    assert code == 2 and "not made by the demo" in err
