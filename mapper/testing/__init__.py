@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from mapper.testing.synth import (
+    SHIPPED_RULE_SET,
     VARIANTS,
     ExtraState,
     Naming,
@@ -16,6 +17,7 @@ from mapper.testing.synth import (
 )
 
 __all__ = [
+    "SHIPPED_RULE_SET",
     "VARIANTS",
     "ExtraState",
     "Naming",

@@ -94,6 +94,25 @@ _VARIANTS: dict[str, Variant] = {
 
 VARIANTS: dict[str, str] = {name: v.description for name, v in _VARIANTS.items()}
 
+# The shipped rule set that converts each variant (what `mapper detect` must pick).
+SHIPPED_RULE_SET: dict[str, str] = {
+    "neox-legacy": "neox-legacy-to-hf-gpt-neox",
+    "neox-new": "neox-to-hf-gpt-neox",
+    "neox-parallel": "neox-to-hf-gpt-neox",
+    "neox-sequential": "neox-to-hf-gpt-neox",
+    "te-mha": "neox-te-mha-to-hf-gpt-neox",
+    "te-lnmlp": "neox-te-lnmlp-to-hf-gpt-neox",
+    "te-full": "neox-te-to-hf-gpt-neox",
+    "te-full-parallel": "neox-te-to-hf-gpt-neox",
+    "te-full-fp8": "neox-te-to-hf-gpt-neox",
+    "te-linear": "neox-te-linear-to-hf-gpt-neox",
+    "te-layernorm": "neox-te-layernorm-to-hf-gpt-neox",
+    "llama-legacy": "neox-llama-legacy-to-hf-llama",
+    "llama-new": "neox-llama-to-hf-llama",
+    "te-rmsnorm": "neox-llama-te-rmsnorm-to-hf-llama",
+    "llama-te": "neox-llama-te-to-hf-llama",
+}
+
 
 def variant(name: str) -> Variant:
     if name not in _VARIANTS:

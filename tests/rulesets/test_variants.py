@@ -17,26 +17,10 @@ from mapper.checkpoints import convert_checkpoint, detect_checkpoint
 from mapper.formats import HFCheckpoint, NeoXCheckpoint
 from mapper.hf_models import load_model
 from mapper.ops import bitwise_equal
-from mapper.testing import synthesize_variant, write_neox_checkpoint
+from mapper.testing import SHIPPED_RULE_SET, synthesize_variant, write_neox_checkpoint
 from mapper.verify import neox_forward
 
-EXPECTED_RULES = {
-    "neox-legacy": "neox-legacy-to-hf-gpt-neox",
-    "neox-new": "neox-to-hf-gpt-neox",
-    "neox-parallel": "neox-to-hf-gpt-neox",
-    "neox-sequential": "neox-to-hf-gpt-neox",
-    "te-mha": "neox-te-mha-to-hf-gpt-neox",
-    "te-lnmlp": "neox-te-lnmlp-to-hf-gpt-neox",
-    "te-full": "neox-te-to-hf-gpt-neox",
-    "te-full-parallel": "neox-te-to-hf-gpt-neox",
-    "te-full-fp8": "neox-te-to-hf-gpt-neox",
-    "te-linear": "neox-te-linear-to-hf-gpt-neox",
-    "te-layernorm": "neox-te-layernorm-to-hf-gpt-neox",
-    "llama-legacy": "neox-llama-legacy-to-hf-llama",
-    "llama-new": "neox-llama-to-hf-llama",
-    "te-rmsnorm": "neox-llama-te-rmsnorm-to-hf-llama",
-    "llama-te": "neox-llama-te-to-hf-llama",
-}
+EXPECTED_RULES = SHIPPED_RULE_SET
 CASES = [(variant, tp) for variant in EXPECTED_RULES for tp in (1, 2)] + [("te-full-parallel", 4), ("te-lnmlp", 4)]
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from mapper.errors import MapperError, VerificationFailed
-from mapper.testing import VARIANTS
+from mapper.testing import SHIPPED_RULE_SET, VARIANTS
 from mapper.verify import (
     compare,
     default_tolerances,
@@ -21,24 +21,7 @@ from mapper.verify import (
 )
 from mapper.verify.compare import compare_tensors, keys_for_point, logit_statistics
 
-# synthetic variant -> shipped rule set (the map of the verification brief)
-RULE_SETS: dict[str, str] = {
-    "neox-legacy": "neox-legacy-to-hf-gpt-neox",
-    "neox-new": "neox-to-hf-gpt-neox",
-    "neox-parallel": "neox-to-hf-gpt-neox",
-    "neox-sequential": "neox-to-hf-gpt-neox",
-    "te-mha": "neox-te-mha-to-hf-gpt-neox",
-    "te-lnmlp": "neox-te-lnmlp-to-hf-gpt-neox",
-    "te-full": "neox-te-to-hf-gpt-neox",
-    "te-full-parallel": "neox-te-to-hf-gpt-neox",
-    "te-full-fp8": "neox-te-to-hf-gpt-neox",
-    "te-linear": "neox-te-linear-to-hf-gpt-neox",
-    "te-layernorm": "neox-te-layernorm-to-hf-gpt-neox",
-    "llama-legacy": "neox-llama-legacy-to-hf-llama",
-    "llama-new": "neox-llama-to-hf-llama",
-    "te-rmsnorm": "neox-llama-te-rmsnorm-to-hf-llama",
-    "llama-te": "neox-llama-te-to-hf-llama",
-}
+RULE_SETS = SHIPPED_RULE_SET
 
 
 def test_every_variant_has_a_rule_set() -> None:
