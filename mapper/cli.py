@@ -145,10 +145,13 @@ def _progress(label: str) -> Iterator[tuple[Any, Any]]:
     progress = Progress(*columns, console=err)
     task = None
 
-    def started(total: int) -> None:
+    def started(total: int) -> None:  # called once per conversion; a round trip makes two
         nonlocal task
-        progress.start()
-        task = progress.add_task(label, total=total)
+        if task is None:
+            progress.start()
+            task = progress.add_task(label, total=total)
+        else:
+            progress.update(task, total=progress.tasks[0].total + total)
 
     def advanced(_index: int, nbytes: int) -> None:
         if task is not None:
@@ -361,7 +364,9 @@ def roundtrip(
     from mapper.errors import VerificationFailed
     from mapper.verify.roundtrip import roundtrip as run_roundtrip
 
-    report = run_roundtrip(neox, rules=rules, config_files=config or [], parameters=_params(param))
+    with _progress("round trip") as (started, advanced):
+        report = run_roundtrip(neox, rules=rules, config_files=config or [], parameters=_params(param),
+                               on_start=started, on_group=advanced)
     if as_json:
         _print_json(report.to_dict())
     else:

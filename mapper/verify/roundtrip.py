@@ -8,7 +8,7 @@ are listed with what the sidecar restored, so "exact" is never an accident of de
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,12 +39,19 @@ def roundtrip(
     config_files: Sequence[str | Path] = (),
     parameters: Mapping[str, int] | None = None,
     workdir: str | Path | None = None,
+    on_start: Callable[[int], None] | None = None,
+    on_group: Callable[[int, int], None] | None = None,
 ) -> RoundtripReport:
-    """Convert ``src`` to HF and back in a temporary folder and compare every tensor bitwise."""
+    """Convert ``src`` to HF and back in a temporary folder and compare every tensor bitwise.
+
+    ``on_start(nbytes)`` is called once per direction, ``on_group`` after every file (progress).
+    """
     with tempfile.TemporaryDirectory(prefix="mapper-roundtrip-", dir=workdir) as tmp:
-        forward = convert_checkpoint(src, Path(tmp) / "hf", rules=rules, config_files=config_files, parameters=parameters)
+        forward = convert_checkpoint(src, Path(tmp) / "hf", rules=rules, config_files=config_files,
+                                     parameters=parameters, on_start=on_start, on_group=on_group)
         assert forward.output is not None
-        back = convert_checkpoint(forward.output, Path(tmp) / "neox", tp=forward.prepared.output_tp)
+        back = convert_checkpoint(forward.output, Path(tmp) / "neox", tp=forward.prepared.output_tp,
+                                  on_start=on_start, on_group=on_group)
         assert back.output is not None
         with NeoXCheckpoint(back.output) as returned:
             report = diff_sources(forward.prepared.source, returned)

@@ -129,3 +129,22 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     (tmp_path / "other").mkdir()
     code, _, err = run(capsys, "demo", "--out", str(tmp_path / "other"))
     assert code == 2 and "not made by the demo" in err
+
+
+def test_verify_on_real_text_with_a_local_tokenizer(te_checkpoint, tmp_path, capsys):
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["[UNK]", "the", "model", "computes", "what", "it", "was", "trained", "to"]
+    tokenizer = Tokenizer(WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]").save_pretrained(tmp_path / "tok")
+    run(capsys, "convert", str(te_checkpoint), str(tmp_path / "hf"), "-q")
+    code, out, _ = run(capsys, "verify", str(te_checkpoint), str(tmp_path / "hf"), "--text",
+                       "the model computes what it was trained to", "--tokenizer", str(tmp_path / "tok"), "--json")
+    report = json.loads(out)
+    assert code == 0 and report["ok"] and report["input_shape"] == [1, 8]
+    code, _, err = run(capsys, "verify", str(te_checkpoint), str(tmp_path / "hf"), "--text", "hello")
+    assert code == 2 and "--tokenizer" in err
