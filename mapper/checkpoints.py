@@ -180,6 +180,14 @@ def _prepare_neox_to_hf(
     manifest = source.manifest()
     model, parameters, notes = _neox_model(source, config_files)
     if trim_vocab:
+        padded = parameters.get("vocab_size")
+        if padded is not None and trim_vocab > padded:
+            raise MapperError(
+                f"--trim-vocab {trim_vocab} is more than the {padded} vocabulary rows of the checkpoint",
+                where=source.path,
+                hint=f"pass at most {padded}: the tokenizer's vocabulary size (NeoX pads it up to a multiple "
+                "of make-vocab-size-divisible-by x TP)",
+            )
         parameters["trim_vocab"] = trim_vocab
     parameters.update(overrides)
 
@@ -345,6 +353,7 @@ def _prepare_hf_to_neox(
     sidecar = _read_sidecar(source.path, forward, record, out_tp, notes)
     inverse = forward.invert()
     plan = compile_plan(inverse, source.manifest(), parameters, sidecar=sidecar)
+    notes.extend(plan.notes)
     return Prepared(
         "hf-to-neox", source, inverse, forward, model, plan.parameters, plan, dict(source.config),
         {**model.to_neox_yaml(), **_hyphenated(raw)} if raw else model.to_neox_yaml(),

@@ -2,15 +2,15 @@
 
 Exit codes: 0 ok, 1 a verification ran and failed, 2 bad input of any kind (including usage
 errors), 3 an internal error (a bug: please report it with ``--debug`` output). Errors print one
-clear message, without a traceback unless ``--debug``. ``--json`` prints machine-readable
+clear message; ``--debug`` adds the traceback (the exit code stays the same). ``--json`` prints machine-readable
 results on stdout; progress and human-readable text go to stderr in that case.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 import sys
+import traceback
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -160,7 +160,8 @@ def _progress(label: str) -> Iterator[tuple[Any, Any]]:
     try:
         yield started, advanced
     finally:
-        progress.stop()
+        if task is not None:
+            progress.stop()
 
 
 # --- convert / plan / detect -----------------------------------------------------------------
@@ -535,12 +536,12 @@ def _cli_exceptions() -> tuple[tuple[type, ...], tuple[type, ...], tuple[type, .
     return tuple(exits), tuple(aborts), tuple(usage)
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Run the CLI; map errors to exit codes (2 bad input, 1 verification failed, 3 bug).
+def run(argv: list[str]) -> None:
+    """Run one command, letting exceptions through (for embedding and tests; see :func:`main`).
 
     ``--debug`` and ``--quiet`` work anywhere on the command line, not only before the command.
     """
-    args = list(sys.argv[1:] if argv is None else argv)
+    args = list(argv)
     STATE.debug = STATE.quiet = False  # one invocation's flags never leak into the next
     for flag, name in _GLOBAL_FLAGS.items():
         while flag in args:
@@ -553,12 +554,18 @@ def main(argv: list[str] | None = None) -> None:
 
         out.print(f"mapper {__version__}")
         return
+    app(args=args, prog_name="mapper", standalone_mode=False)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The console script: run, then map errors to exit codes (2 bad input, 1 verification
+    failed, 3 bug) with one clear message; ``--debug`` adds the traceback."""
     exits, aborts, usage = _cli_exceptions()
     try:
-        app(args=args, prog_name="mapper", standalone_mode=False)
+        run(list(sys.argv[1:] if argv is None else argv))
     except MapperError as error:
         if STATE.debug:
-            raise
+            traceback.print_exc()
         label = "error" if error.exit_code == 2 else "failed"
         err.print(f"[bold red]{label}[/bold red]: {escape(str(error))}")
         sys.exit(error.exit_code)
@@ -573,7 +580,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     except Exception as error:  # noqa: BLE001 -- the last resort: a bug, said as such
         if STATE.debug:
-            raise
+            traceback.print_exc()
         err.print(f"[bold red]internal error[/bold red]: {type(error).__name__}: {escape(str(error))}\n"
                   "  this is a bug in mapper; run again with --debug and report the traceback")
         sys.exit(3)

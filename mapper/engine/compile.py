@@ -229,15 +229,18 @@ class _Builder:
                 raise NeedsResidual(f"{op.name} needs the sidecar (the rule declares no default)")
         except ShapeError as error:
             self.problem(
-                f"{error} (inputs: {', '.join(f'{v.key} {v.meta}' for v in in_values)})",
+                f"{error} (inputs: {', '.join(v.describe() for v in in_values)})",
                 key=out_keys[0] if out_keys else in_keys[0], rule=op,
             )
             for key in in_keys:
                 del self.working[key]
             return
         except NeedsResidual as error:
-            if op.optional and not in_keys:
-                return  # an optional tensor that was never there
+            if op.optional and not in_keys:  # an optional tensor with neither sidecar nor default
+                note = f"not re-created (optional, no sidecar entry, no default): {op.id} {op.note or ''}".rstrip()
+                if note not in self.notes:
+                    self.notes.append(note)
+                return
             self.problem(
                 f"{error}; the sidecar has no entry {reads!r}", key=out_keys[0], rule=op,
                 hint="convert with the sidecar written by the forward conversion "

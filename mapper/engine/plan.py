@@ -28,6 +28,17 @@ class Value:
     producer: Node | None = None  # None: read from the source
     consumer: Node | None = None  # None: a target (or dropped)
 
+    def sources(self) -> list[str]:
+        """The source keys this value was made from (itself, for a source): what users know."""
+        if self.producer is None:
+            return [self.key]
+        return [key for value in self.producer.inputs for key in value.sources()]
+
+    def describe(self) -> str:
+        """``key meta``, plus where an intermediate came from (``... (from layer_02.x@rank1)``)."""
+        origin = "" if self.producer is None else f" (from {', '.join(self.sources()[:4])})"
+        return f"{self.key} {self.meta}{origin}"
+
     def __repr__(self) -> str:
         return f"Value({self.key!r}, {self.meta})"
 

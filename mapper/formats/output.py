@@ -134,18 +134,32 @@ def free_bytes(folder: Path) -> int | None:
         return None
 
 
+_STAGING_NAME = re.compile(r"^\.(?P<out>.+)\.mapper-(staging-.+|parts)$")
+
+
+def visible_path(path: Path) -> tuple[Path, str]:
+    """(output folder, path inside it) for a file being staged: what the user named, since the
+    staging folder is hidden and gone once the run is over. Other paths: (parent, name)."""
+    for folder in path.parents:
+        match = _STAGING_NAME.match(folder.name)
+        if match:
+            return folder.parent / match["out"], str(path.relative_to(folder))
+    return path.parent, path.name
+
+
 def disk_full_error(path: Path, *, written: int, needed: int | None, total: int | None) -> ConversionError:
     free = free_bytes(path.parent)
-    parts = [f"the disk is full: writing {path.name} stopped after {written} bytes"]
+    out, name = visible_path(path)
+    parts = [f"the disk is full: writing {name} stopped after {written} bytes"]
     if needed is not None:
         parts.append(f"this file needs {needed} bytes")
     if total is not None:
-        parts.append(f"the whole output needs {total} bytes")
+        parts.append(f"the output's tensors need {total} bytes in all")
     if free is not None:
         parts.append(f"{free} bytes are free there now")
     return ConversionError(
         "; ".join(parts) + ". Nothing was left behind.",
-        where=path.parent,
+        where=out,
         hint="free disk space or write the output to another filesystem",
     )
 
@@ -207,9 +221,10 @@ class AtomicFile:
             if exc.errno in _DISK_FULL:
                 error = disk_full_error(self.path, written=self.written, needed=self.needed, total=self.total)
             else:
+                out, name = visible_path(self.path)
                 error = ConversionError(
-                    f"cannot write {self.path.name}: {exc}",
-                    where=self.path,
+                    f"cannot write {name}: {exc}",
+                    where=out,
                     hint="check the output filesystem (permissions, quota, mount)",
                 )
             self.failure = error
@@ -265,8 +280,14 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
         f.write(data)
 
 
-def _remove_tree(path: Path) -> None:
+def _remove_tree(path: Path, empty_parents: Iterable[Path] = ()) -> None:
+    """Remove ``path``, then each of ``empty_parents`` (deepest first) that is empty."""
     shutil.rmtree(path, ignore_errors=True)
+    for parent in empty_parents:
+        try:
+            parent.rmdir()
+        except OSError:  # not empty (someone else wrote there), or already gone
+            break
 
 
 class StagingFolder:
@@ -285,13 +306,15 @@ class StagingFolder:
         self._cleanup: weakref.finalize | None = None
 
     def create(self) -> Path:
+        created = [p for p in (self.out.parent, *self.out.parent.parents) if not p.exists()]
         self.out.parent.mkdir(parents=True, exist_ok=True)
         clean_stale_staging(self.out)
         if self.shared:
             self.path.mkdir(exist_ok=True)
         else:
             self.path.mkdir()
-            self._cleanup = weakref.finalize(self, _remove_tree, self.path)
+            # folders made for OUT's parent go too (if still empty): an aborted run leaves nothing
+            self._cleanup = weakref.finalize(self, _remove_tree, self.path, created)
         return self.path
 
     def commit(self) -> Path:

@@ -190,7 +190,7 @@ def unsafe_globals(path: Path) -> list[str]:
             where=path,
             hint="re-save it with torch.save (pickle protocol 2) from a trusted environment",
         ) from exc
-    except (RuntimeError, zipfile.BadZipFile) as exc:
+    except (RuntimeError, OSError, zipfile.BadZipFile) as exc:  # torch's zip reader raises OSError too
         raise CheckpointError(
             f"not a readable torch checkpoint ({exc})",
             where=path,
@@ -234,7 +234,13 @@ def load(path: str | Path, *, training_state: bool = False) -> Any:
     path = Path(path)
     allowance = _allowance(training_state)
     allowed_names = {_global_name(entry) for entry in allowance}
-    zipped = is_zip_file(path)
+    try:
+        zipped = is_zip_file(path)
+    except OSError as exc:
+        raise CheckpointError(
+            f"cannot read this file ({exc.strerror or exc})", where=path,
+            hint="check that the file exists and is readable",
+        ) from exc
     with _LOAD_LOCK:
         if zipped:
             bad = [g for g in unsafe_globals(path) if g not in allowed_names]
@@ -252,7 +258,7 @@ def load(path: str | Path, *, training_state: bool = False) -> Any:
                 hint="mapper loads only tensors and plain containers; re-save the weights as a "
                 "plain dict of tensors from a trusted environment",
             ) from exc
-        except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile) as exc:
+        except (RuntimeError, OSError, EOFError, ValueError, zipfile.BadZipFile) as exc:
             raise CheckpointError(
                 f"cannot read this torch checkpoint ({type(exc).__name__}: {exc})",
                 where=path,

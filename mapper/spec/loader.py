@@ -81,6 +81,10 @@ def _yaml_error(error: yaml.YAMLError, where: str) -> RuleFileError:
     )
 
 
+_SEQ_TAG = "tag:yaml.org,2002:seq"
+_MAP_TAG = "tag:yaml.org,2002:map"
+
+
 class _Budget:
     """Bounds the data a document may expand to: YAML aliases can repeat a node exponentially
     often ("billion laughs") or refer to themselves."""
@@ -108,6 +112,11 @@ def _construct(
         )
     positions[path] = (node.start_mark.line + 1, node.start_mark.column + 1)
     if isinstance(node, (yaml.MappingNode, yaml.SequenceNode)):
+        if node.tag not in (_SEQ_TAG, _MAP_TAG):  # e.g. !!python/object/apply: never constructed
+            raise RuleFileError(
+                f"the YAML tag {node.tag!r} is not allowed", where=_at(where, node.start_mark),
+                hint="rule files hold plain values only: strings, numbers, booleans, lists and mappings",
+            )
         budget.open.add(id(node))
         try:
             return _construct_collection(loader, node, path, positions, where, budget)

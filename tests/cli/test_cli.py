@@ -95,9 +95,9 @@ def test_bad_input_exits_2_with_one_clear_message_and_no_traceback(tmp_path, cap
     assert not (tmp_path / "o").exists()
 
 
-def test_debug_shows_the_traceback(tmp_path, capsys):
-    with pytest.raises(Exception, match="no such file"):
-        main(["convert", str(tmp_path / "missing"), str(tmp_path / "out"), "--debug"])
+def test_debug_shows_the_traceback_and_keeps_the_exit_code(tmp_path, capsys):
+    code, _, err = run(capsys, "convert", str(tmp_path / "missing"), str(tmp_path / "out"), "--debug")
+    assert code == 2 and "Traceback" in err and "CheckpointError" in err and "no such file" in err
 
 
 def test_rules_commands(tmp_path, capsys):
