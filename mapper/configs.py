@@ -478,14 +478,15 @@ class NeoXModelConfig(BaseModel):
         if model_type == "gpt_neox":
             if config.get("head_dim") not in (None, hidden // heads):
                 raise MapperError("GPT-NeoX with head_dim != hidden/heads is not a NeoX model",
-                                  where="config.json: head_dim")
+                                  where="config.json: head_dim", hint="NeoX derives head_dim from hidden-size / heads")
             gelu_tanh = {"gelu_pytorch_tanh", "gelu_new", "gelu_fast", "gelu_python_tanh"}
             if act in gelu_tanh:
                 values.update(activation="gelu", bias_gelu_fusion=True)
             elif act in ("gelu", "relu", "silu"):
                 values.update(activation=act)
             else:
-                raise MapperError(f"hidden_act {act!r} has no NeoX equivalent", where="config.json: hidden_act")
+                raise MapperError(f"hidden_act {act!r} has no NeoX equivalent", where="config.json: hidden_act",
+                                  hint="NeoX GPT models use gelu (exact or tanh), relu or silu")
             values.update(
                 norm="layernorm",
                 layernorm_epsilon=float(config.get("layer_norm_eps", 1e-5)),
@@ -497,10 +498,11 @@ class NeoXModelConfig(BaseModel):
             head_dim = config.get("head_dim") or hidden // heads
             if head_dim != hidden // heads:
                 raise MapperError(f"Llama head_dim {head_dim} != hidden_size/num_attention_heads; NeoX "
-                                  "derives head_dim from them", where="config.json: head_dim")
+                                  "derives head_dim from them", where="config.json: head_dim",
+                                  hint="only models with head_dim = hidden_size / heads have a NeoX form")
             if act != "silu":
                 raise MapperError(f"Llama hidden_act {act!r}: mapper converts SwiGLU (silu) only",
-                                  where="config.json: hidden_act")
+                                  where="config.json: hidden_act", hint="NeoX's Llama architecture is swiglu")
             values.update(
                 norm="rmsnorm",
                 rms_norm_epsilon=float(config.get("rms_norm_eps", 1e-6)),
@@ -645,7 +647,8 @@ def load_neox_yaml(paths: Sequence[Path | str]) -> dict[str, Any]:
         try:
             text = path.read_text(encoding="utf-8")
         except OSError as exc:
-            raise MapperError(f"cannot read NeoX config: {exc.strerror or exc}", where=path) from exc
+            raise MapperError(f"cannot read NeoX config: {exc.strerror or exc}", where=path,
+                              hint="check the path given to --config (the YAML the model was trained with)") from exc
         try:
             loaded = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - SafeLoader subclass
         except MapperError as exc:
@@ -654,11 +657,13 @@ def load_neox_yaml(paths: Sequence[Path | str]) -> dict[str, Any]:
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else path
-            raise MapperError(f"not valid YAML: {getattr(exc, 'problem', exc)}", where=where) from exc
+            raise MapperError(f"not valid YAML: {getattr(exc, 'problem', exc)}", where=where,
+                              hint="fix the YAML at that line (NeoX configs are plain YAML mappings)") from exc
         if loaded is None:
             continue
         if not isinstance(loaded, dict):
-            raise MapperError(f"a NeoX config must be a mapping of keys, not {type(loaded).__name__}", where=path)
+            raise MapperError(f"a NeoX config must be a mapping of keys, not {type(loaded).__name__}", where=path,
+                              hint="pass the model YAML (num-layers, hidden-size, ...) with --config")
         for key, value in normalize_keys(loaded, where=str(path)).items():
             if key in merged:
                 raise MapperError(
@@ -677,7 +682,7 @@ def normalize_keys(raw: Mapping[str, Any], *, where: str) -> dict[str, Any]:
     spelled: dict[str, str] = {}
     for key, value in raw.items():
         if not isinstance(key, str):
-            raise MapperError(f"config key {key!r} is not a string", where=where)
+            raise MapperError(f"config key {key!r} is not a string", where=where, hint="quote the key or remove it")
         norm = key.replace("-", "_")
         if norm in out:
             raise MapperError(f"key {key!r} and {spelled[norm]!r} are the same NeoX key", where=f"{where}: {key}",
@@ -718,17 +723,20 @@ def _reject_unsupported(args: Mapping[str, Any]) -> None:
     pos = args.get("pos_emb") or "learned"
     if pos not in PosEmb.__args__:
         raise MapperError(f"pos-emb {pos!r} is not supported (mapper computes rotary, learned, none)",
-                          where="config: pos_emb")
+                          where="config: pos_emb", hint="HF GPT-NeoX and Llama models use rotary embeddings")
     experts = args.get("moe_num_experts") or 1
     if int(experts) > 1:
-        raise MapperError("mixture-of-experts models are not supported", where="config: moe_num_experts")
+        raise MapperError("mixture-of-experts models are not supported", where="config: moe_num_experts",
+                          hint="mapper converts dense GPT-NeoX and Llama-architecture models")
     attention = args.get("attention_config")
     for kind in _attention_types(attention):
         if kind not in ("global", "flash"):
             raise MapperError(f"attention type {kind!r} is not supported (only global/flash attention)",
-                              where="config: attention_config")
+                              where="config: attention_config",
+                              hint="HF GPT-NeoX and Llama compute dense causal attention only")
     if args.get("output_layer_parallelism") not in (None, "column"):
-        raise MapperError("output-layer-parallelism must be column", where="config: output_layer_parallelism")
+        raise MapperError("output-layer-parallelism must be column", where="config: output_layer_parallelism",
+                          hint="mapper merges the output layer as NeoX's default column-parallel layout")
 
 
 def _attention_types(attention: Any) -> list[str]:
@@ -751,7 +759,8 @@ def _precision(args: Mapping[str, Any]) -> Precision:
         aliases = {"fp32": "fp32", "float32": "fp32", "fp16": "fp16", "float16": "fp16",
                    "bfloat16": "bfloat16", "bf16": "bfloat16"}
         if str(value) not in aliases:
-            raise MapperError(f"precision {value!r} is not one of fp16, bfloat16, fp32", where="config: precision")
+            raise MapperError(f"precision {value!r} is not one of fp16, bfloat16, fp32", where="config: precision",
+                          hint="set precision to fp16, bfloat16 or fp32")
         return aliases[str(value)]  # type: ignore[return-value]
     for key, name in (("fp16", "fp16"), ("bf16", "bfloat16")):
         block = args.get(key)
@@ -781,11 +790,13 @@ def _hf_rope(config: Mapping[str, Any]) -> dict[str, float]:
 
 def _int(value: Any, key: str) -> int:
     if value is None:
-        raise MapperError(f"required key {key!r} is missing", where=f"config: {key}")
+        raise MapperError(f"required key {key!r} is missing", where=f"config: {key}",
+                      hint="pass the complete model YAML with --config (several files are merged)")
     try:
         return int(value)
     except (TypeError, ValueError):
-        raise MapperError(f"{key} must be an integer, got {value!r}", where=f"config: {key}") from None
+        raise MapperError(f"{key} must be an integer, got {value!r}", where=f"config: {key}",
+                          hint="write a whole number") from None
 
 
 def _plain_number(value: float) -> int | float:
@@ -799,4 +810,5 @@ def _validated(cls: type[NeoXModelConfig], values: dict[str, Any], *, where: str
         details = "; ".join(
             f"{'.'.join(map(str, e['loc'])) or 'model'}: {e['msg']}" for e in exc.errors()
         )
-        raise MapperError(f"invalid model configuration: {details}", where=where) from None
+        raise MapperError(f"invalid model configuration: {details}", where=where,
+                          hint="fix the config (or --config / --tp) so these values agree") from None
