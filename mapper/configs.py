@@ -658,7 +658,7 @@ def load_neox_yaml(paths: Sequence[Path | str]) -> dict[str, Any]:
             mark = getattr(exc, "problem_mark", None)
             where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else path
             raise MapperError(f"not valid YAML: {getattr(exc, 'problem', exc)}", where=where,
-                              hint="fix the YAML at that line (NeoX configs are plain YAML mappings)") from exc
+                              hint="fix the YAML at that line, or pass another file with --config (NeoX configs are plain YAML mappings)") from exc
         if loaded is None:
             continue
         if not isinstance(loaded, dict):

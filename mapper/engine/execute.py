@@ -105,6 +105,15 @@ def execute(
         live_bytes -= tensor.nbytes
         return tensor
 
+    def keep(node: Node, outputs: list[torch.Tensor]) -> None:
+        for value, tensor in zip(node.outputs, outputs):
+            if value.consumer is not None or group_of.get(value.key) in selected:
+                hold(value.id, tensor)
+
+    def finished(key: str) -> torch.Tensor:
+        tensor = release(plan.targets[key].id)
+        return cast_checked(key, tensor, cast) if cast is not None else tensor
+
     chosen = [groups[i] for i in selected]
     # With no output at all (everything dropped), drops still run: their residuals matter.
     work = list(zip(selected, chosen)) or [(None, [])]
@@ -121,16 +130,14 @@ def execute(
             for value in node.inputs:
                 release(value.id)
             del inputs
-            for value, tensor in zip(node.outputs, outputs):
-                if value.consumer is not None or group_of.get(value.key) in selected:
-                    hold(value.id, tensor)
+            keep(node, outputs)
+            # Only `live` holds tensors between nodes: a variable still naming the last output
+            # would keep it in memory through the next group, after the writer let go of it.
+            del outputs
             report.peak_live_bytes = max(report.peak_live_bytes, live_bytes)
         if index is None:
             continue
-        tensors = {}
-        for key in group:
-            tensor = release(plan.targets[key].id)
-            tensors[key] = cast_checked(key, tensor, cast) if cast is not None else tensor
+        tensors = {key: finished(key) for key in group}
         nbytes = sum(t.nbytes for t in tensors.values())
         report.largest_group_bytes = max(report.largest_group_bytes, nbytes)
         sink.write_group(index, tensors)

@@ -98,8 +98,12 @@ class HFWriter(StagedWriter):
     ) -> None:
         metas = planned.meta_of()
         needed = file_size(data_order(planned.keys, metas), metas, self.metadata)
+        # The writer's own dict (see StagedWriter._write_file) is consumed as it is written, so
+        # the group's memory is freed tensor by tensor; the layout does not depend on dict order.
+        owned = isinstance(tensors, dict) and tensors.keys() == set(planned.keys)
+        selected = tensors if owned else {k: tensors[k] for k in planned.keys}
         with AtomicFile(folder / planned.name, needed=needed, total=self._total_bytes()) as f:
-            write_safetensors(f, {k: tensors[k] for k in planned.keys}, self.metadata, stop=stop)
+            write_safetensors(f, selected, self.metadata, stop=stop, release=owned)
 
     @classmethod
     def _write_extras(cls, folder: Path, plan: Sequence[PlannedFile], options: Mapping[str, Any]) -> None:

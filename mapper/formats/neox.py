@@ -19,18 +19,13 @@ loaded dict of each file is kept, so ``get`` does not unpickle again and touches
 of the tensor asked for. Once ``get`` has handed out every tensor of a file, the reader lets go
 of that file's dict: its memory map closes as soon as the caller drops those tensors, so the
 pages read from it leave the process (a converter's RSS follows what it holds, not the
-checkpoint). When only small tensors of a file are still to be asked for (at most
-:data:`SMALL_REMAINDER` bytes: typically the ``_extra_state`` and stale norms a conversion drops
-at its very end), those are copied out and the map is let go of all the same. A later ``get`` of
-a released tensor simply loads its file again. Legacy non-zip files cannot be memory-mapped: they
-are read whole, and only the most recently used one is kept, so memory stays bounded by the
-largest file.
-
-Read-ahead. Reading a tensor from a cold memory map blocks on the disk page by page; so when
-``get`` first touches a pipeline-layout file, the reader asks the kernel
-(``posix_fadvise(WILLNEED)``, asynchronous) to read that file and the files after it in layer
-order (up to :data:`PREFETCH_BYTES`) into the page cache, overlapping disk reads with the
-caller's work on the current layer. This only warms the page cache: no memory of the process.
+checkpoint). Small tensors (norms, biases, ``_extra_state``: at most :data:`SMALL` bytes and
+1/16 of their file) are handed out as copies, so that one passed through unchanged to a writer
+does not keep its whole file's map alive; and when only such small tensors of a file are still
+to be asked for (typically those a conversion drops at its very end), they are copied out and the
+map is let go of all the same. A later ``get`` of a released tensor simply loads its file again.
+Legacy non-zip files cannot be memory-mapped: they are read whole, and only the most recently
+used one is kept, so memory stays bounded by the largest file.
 
 Optimizer files (``*optim_states.pt``), ``zero_to_fp32.py`` and ``latest`` are ignored; any other
 unknown ``.pt``/``.bin`` file is an error (it may hold weights that would silently be dropped);
@@ -40,7 +35,6 @@ other unknown files and non-tensor values in state dicts are recorded in :attr:`
 from __future__ import annotations
 
 import difflib
-import os
 import re
 import threading
 from collections.abc import Mapping
@@ -67,8 +61,7 @@ SEQUENTIAL = "sequential"
 IGNORED_FILES = re.compile(r"^(.*optim_states\.pt|zero_to_fp32\.py|latest|latest_universal)$")
 WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
 CONFIG_SUFFIXES = (".yml", ".yaml", ".json")
-SMALL_REMAINDER = 1 << 20  # bytes of not-yet-requested tensors copied out to release a file map
-PREFETCH_BYTES = 512 << 20  # how far ahead (in file bytes) the page cache is warmed
+SMALL = 1 << 20  # bytes: tensors handed out as copies, not as views of their file's map
 LOOKED_FOR = (
     "layer_XX-model_YY-model_states.pt (pipeline layout), mp_rank_YY_model_states.pt "
     "(sequential layout), a 'latest' file naming the tag folder, or one global_step* folder"
@@ -175,10 +168,12 @@ class NeoXCheckpoint:
         self._lock = threading.Lock()
         self._cache: dict[Path, dict[str, torch.Tensor]] = {}
         self._legacy: tuple[Path, dict[str, torch.Tensor]] | None = None
-        # per loaded file: the in-file keys ``get`` has not handed out since it was loaded
+        # per loaded file: the in-file keys ``get`` has not handed out since it was loaded, their
+        # bytes, and the bytes of the whole file's tensors
         self._pending: dict[Path, set[str]] = {}
+        self._pending_bytes: dict[Path, int] = {}
+        self._file_bytes: dict[Path, int] = {}
         self._copied: set[Path] = set()  # cached dicts holding only copies of the pending tensors
-        self._prefetched: set[Path] = set()
         self._index: dict[str, _Located] | None = None
         self._manifest: dict[str, TensorMeta] | None = None
         self.layer_files, self.mp_rank_files = self._scan()
@@ -279,8 +274,9 @@ class NeoXCheckpoint:
         ``need`` is one of them; without, it is always every tensor of the file.
         """
         with self._lock:
-            if file in self._cache and (file not in self._copied or (need is not None and need in self._cache[file])):
-                return self._cache[file]
+            cached = self._cache.get(file)
+            if cached is not None and (file not in self._copied or (need is not None and need in cached)):
+                return cached
             if self._legacy is not None and self._legacy[0] == file:
                 return self._legacy[1]
             notes: list[str] = []
@@ -302,6 +298,7 @@ class NeoXCheckpoint:
                 )
             self.notes.extend(n for n in notes if n not in self.notes)
             self._pending[file] = set(tensors)
+            self._file_bytes[file] = self._pending_bytes[file] = sum(t.nbytes for t in tensors.values())
             self._copied.discard(file)
             if safe_pickle.is_zip_file(file):
                 self._cache[file] = tensors
@@ -377,47 +374,28 @@ class NeoXCheckpoint:
         return self._locate(key).file
 
     def get(self, key: str) -> torch.Tensor:
-        """The tensor ``key``; a view of a memory map for zip files (do not write to it)."""
+        """The tensor ``key``: a view of a memory map for zip files (do not write to it), a copy
+        for a small tensor (see the module docstring)."""
         located = self._locate(key)
         tensors = self._load_file(located.file, located.inner)
-        if self.layout == PIPELINE and located.file not in self._prefetched:
-            self._prefetch(located.file)
         tensor = tensors[located.inner]
-        self._handed_out(located.file, located.inner)
+        mapped = located.file in self._cache and located.file not in self._copied
+        if mapped and self._small(tensor.nbytes, located.file):
+            tensor = tensor.clone()  # see the module docstring
+        self._handed_out(located.file, located.inner, tensor.nbytes)
         return tensor
 
-    def _prefetch(self, file: Path) -> None:
-        """Start reading ``file`` and the next layer files into the page cache (module docstring)."""
-        order = [f for _, f in sorted(self.layer_files.items())]
-        ahead = order[order.index(file):] if file in order else [file]
-        budget = PREFETCH_BYTES
-        for i, path in enumerate(ahead):
-            if path in self._prefetched:
-                continue
-            try:
-                size = path.stat().st_size
-                if i > 1 and size > budget:
-                    break
-                budget -= size
-                self._prefetched.add(path)
-                if hasattr(os, "posix_fadvise"):
-                    fd = os.open(path, os.O_RDONLY)
-                    try:
-                        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
-                    finally:
-                        os.close(fd)
-            except OSError:
-                pass  # only a hint
-            if budget <= 0:
-                break
+    def _small(self, nbytes: int, file: Path) -> bool:
+        return nbytes <= min(SMALL, self._file_bytes.get(file, 0) // 16)
 
-    def _handed_out(self, file: Path, inner: str) -> None:
+    def _handed_out(self, file: Path, inner: str, nbytes: int) -> None:
         """Let go of ``file``'s map once its tensors were handed out (see the module docstring)."""
         with self._lock:
             pending = self._pending.get(file)
-            if pending is None:
+            if pending is None or inner not in pending:
                 return
             pending.discard(inner)
+            self._pending_bytes[file] -= nbytes
             if not pending:
                 del self._pending[file]
                 self._cache.pop(file, None)
@@ -427,7 +405,7 @@ class NeoXCheckpoint:
                 return
             cached = self._cache.get(file)
             if cached is not None and file not in self._copied:
-                if sum(cached[k].nbytes for k in pending) <= SMALL_REMAINDER:
+                if self._small(self._pending_bytes[file], file):
                     self._cache[file] = {k: cached[k].clone() for k in pending}
                     self._copied.add(file)
 
@@ -437,6 +415,7 @@ class NeoXCheckpoint:
             self._cache.clear()
             self._legacy = None
             self._pending.clear()
+            self._pending_bytes.clear()
             self._copied.clear()
 
     def __enter__(self) -> NeoXCheckpoint:

@@ -6,7 +6,8 @@ data; offsets are relative to the end of the header. Reading validates the heade
 reference implementation does (the tensors tile the data region exactly: no overlap, no hole,
 nothing past the end of the file) so a truncated or lying file is an error naming the file and
 the tensor, not a crash or garbage. Writing streams each tensor's bytes from its own memory into
-the file; there is never a whole-file buffer.
+the file; there is never a whole-file buffer, and the writer may let go of each tensor as soon as
+its bytes are written (``release``), so memory shrinks while the file grows.
 """
 
 from __future__ import annotations
@@ -239,10 +240,13 @@ def write_safetensors(
     metadata: Mapping[str, str],
     *,
     stop: threading.Event | None = None,
+    release: bool = False,
 ) -> None:
     """Stream ``tensors`` into the writable ``f`` (anything with ``write(bytes-like)``).
 
     ``stop`` lets another thread cancel between tensors (a KeyboardInterrupt, another error).
+    ``release=True`` removes each tensor from ``tensors`` (then a dict the caller owns) once it
+    is written: when nothing else refers to it, its memory is freed before the next one is written.
     """
     if sys.byteorder != "little":
         raise ConversionError(
@@ -262,3 +266,6 @@ def write_safetensors(
                 hint="this is a bug in mapper's writer; please report it",
             )
         f.write(view)
+        del view
+        if release:
+            del tensors[key]  # type: ignore[attr-defined]

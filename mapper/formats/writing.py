@@ -7,7 +7,9 @@ block normally finalizes, leaving it by an exception, KeyboardInterrupt included
 
 Overlap. ``write_group`` checks the tensors (keys, shapes, dtypes) at once and hands the file to
 one background thread. Before handing over group ``i+1`` it waits until group ``i`` is on disk,
-so at most two groups are alive: the one being written and the one the engine is building.
+so at most two groups are alive: the one being written and the one the engine is building. The
+writer keeps its own dict of the group's tensors and may drop each tensor once written (the HF
+writer does), so the group being written shrinks as its file grows.
 ``finalize()`` waits for the thread and re-raises its error; an error in the thread also
 surfaces at the next ``write_group``.
 
@@ -240,6 +242,8 @@ class StagedWriter:
     def _write_file(
         self, folder: Path, planned: PlannedFile, tensors: Mapping[str, torch.Tensor], stop: threading.Event
     ) -> None:
+        """Write one planned file. ``tensors`` is a dict this writer owns (a copy of what was
+        given to :meth:`write_group`): entries may be removed once written, to free memory early."""
         raise NotImplementedError
 
     @classmethod
@@ -283,13 +287,15 @@ class StagedWriter:
         try:
             self._check_group(index, tensors)
             self._written.add(index)
+            owned = dict(tensors)  # ours to consume (see _write_file); the caller's stays intact
             if self.background:
                 if self._worker is None:
                     self._worker = BackgroundWriter(self._write_one, name=f"mapper-{self.kind}-writer")
                     weakref.finalize(self, self._worker.shutdown)
-                self._worker.submit(index, tensors)
+                self._worker.submit(index, owned)
             else:
-                self._write_one(index, tensors)
+                self._write_one(index, owned)
+            del owned
         except BaseException:
             self.abort()
             raise
@@ -457,7 +463,7 @@ class StagedWriter:
             raise ConversionError(
                 f"no parts were written for {out}: {plan_path} is missing",
                 where=parts_staging_path(out),
-                hint="run the parts (parts=(I, N)) into the same output folder first",
+                hint="run every part first (`mapper convert SRC OUT --part I/N`, or parts=(I, N)) into the same output folder",
             )
         document = read_json(plan_path)
         digest = document.pop("sha256", None)

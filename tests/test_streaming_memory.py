@@ -1,0 +1,146 @@
+"""Streaming keeps memory bounded by the largest output group, whatever the number of layers.
+
+Small-scale, timing-free companion of ``benchmarks/convert_bench.py``: a TE checkpoint (te_mha +
+te_layernorm_mlp, TP=2, pipeline files) of 4 and of 8 layers is converted to HF with shards of
+about one layer. Checked: the engine's high-water mark (``report.peak_live_bytes``) stays within
+2x the largest group and is the same at 4 and 8 layers; the reader lets go of each layer file's
+memory map once its tensors were used (so touched pages leave the process); the HF writer frees
+each tensor as soon as it is written, without touching the caller's dict.
+"""
+
+from __future__ import annotations
+
+import gc
+import io
+import weakref
+from pathlib import Path
+
+import pytest
+import torch
+
+from mapper.checkpoints import convert_checkpoint
+from mapper.formats.hf_writer import HFWriter
+from mapper.formats.naming import parse_neox_key
+from mapper.formats.safetensors_io import write_safetensors
+from mapper.tensors import TensorMeta
+from mapper.testing import synthesize_variant, write_neox_checkpoint
+
+HIDDEN = 256  # blocks (12 h^2 per layer, ~3 MB) outweigh the tiny embeddings
+SLACK = 4096  # bytes: biases and norms that a shard boundary may move around
+
+
+def _checkpoint(root: Path, layers: int) -> tuple[Path, int]:
+    """A te-full checkpoint on disk, and the bytes of one transformer layer (all ranks)."""
+    config, tensors = synthesize_variant(
+        "te-full", tp=2, num_layers=layers, hidden_size=HIDDEN, num_heads=4, num_kv_heads=4
+    )
+    block = sum(t.nbytes for k, t in tensors.items() if parse_neox_key(k).idx == config.block_layer_index(0))
+    return write_neox_checkpoint(tensors, config, root / f"neox-{layers}"), block
+
+
+@pytest.fixture(scope="module")
+def conversions(tmp_path_factory: pytest.TempPathFactory) -> dict[int, dict[str, int]]:
+    root = tmp_path_factory.mktemp("streaming")
+    found: dict[int, dict[str, int]] = {}
+    for layers in (4, 8):
+        src, block = _checkpoint(root, layers)
+        resident: list[int] = []
+
+        def measure(index: int, nbytes: int, src: Path = src) -> None:
+            resident.append(_resident_checkpoint_bytes(src))
+
+        result = convert_checkpoint(src, root / f"hf-{layers}", max_shard_size=block, on_group=measure)
+        report = result.report
+        found[layers] = {
+            "block": block,
+            "groups": report.groups,
+            "peak_live": report.peak_live_bytes,
+            "largest_group": report.largest_group_bytes,
+            "max_resident": max(resident),
+            "resident_at_end": _resident_checkpoint_bytes(src),
+        }
+    return found
+
+
+def _resident_checkpoint_bytes(src: Path) -> int:
+    """Bytes of ``src``'s files resident in this process's memory maps now (-1: unknown)."""
+    try:
+        lines = Path("/proc/self/smaps").read_text().splitlines()
+    except OSError:
+        return -1
+    total, inside = 0, False
+    for line in lines:
+        first = line.split(None, 1)[0]
+        if "-" in first and not first.endswith(":"):  # a mapping's header line
+            inside = str(src) in line
+        elif inside and first == "Rss:":
+            total += int(line.split()[1]) * 1024
+    return total
+
+
+def test_one_layer_per_shard(conversions: dict[int, dict[str, int]]) -> None:
+    for layers, found in conversions.items():
+        assert found["groups"] >= layers  # the shard size really cut the model layer by layer
+        assert found["largest_group"] <= found["block"] + SLACK
+
+
+def test_peak_live_bytes_is_bounded_by_the_largest_group(conversions: dict[int, dict[str, int]]) -> None:
+    for found in conversions.values():
+        assert 0 < found["peak_live"] <= 2 * found["largest_group"] + SLACK
+
+
+def test_peak_live_bytes_does_not_grow_with_the_layers(conversions: dict[int, dict[str, int]]) -> None:
+    four, eight = conversions[4], conversions[8]
+    assert eight["largest_group"] == four["largest_group"]
+    assert abs(eight["peak_live"] - four["peak_live"]) <= SLACK
+
+
+def test_the_reader_lets_go_of_each_layer_file(conversions: dict[int, dict[str, int]]) -> None:
+    """Pages read from the checkpoint leave the process: about a layer at a time, none at the end."""
+    four, eight = conversions[4], conversions[8]
+    if four["max_resident"] < 0:
+        pytest.skip("no /proc/self/smaps here")
+    for found in (four, eight):
+        assert found["max_resident"] <= 2 * found["block"] + SLACK
+        assert found["resident_at_end"] == 0
+    assert abs(eight["max_resident"] - four["max_resident"]) <= found["block"] // 4
+
+
+def test_write_safetensors_releases_written_tensors_only_when_asked() -> None:
+    tensors = {"a": torch.randn(64, 64), "b": torch.randn(32), "c": torch.zeros(3, dtype=torch.bfloat16)}
+    kept = dict(tensors)
+    write_safetensors(io.BytesIO(), kept, {"format": "pt"})
+    assert kept.keys() == tensors.keys()
+
+    alive = {key: weakref.ref(t) for key, t in tensors.items()}
+    owned = tensors
+    del tensors, kept
+    buffer = io.BytesIO()
+    write_safetensors(buffer, owned, {"format": "pt"}, release=True)
+    gc.collect()
+    assert owned == {}
+    assert all(ref() is None for ref in alive.values())
+
+
+def test_hf_writer_consumes_its_own_copy_of_a_group(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import mapper.formats.hf_writer as hf_writer
+
+    seen: list[tuple[bool, int]] = []
+
+    def spy(f, tensors, metadata, *, stop=None, release=False):  # type: ignore[no-untyped-def]
+        write_safetensors(f, tensors, metadata, stop=stop, release=release)
+        seen.append((release, len(tensors)))
+
+    monkeypatch.setattr(hf_writer, "write_safetensors", spy)
+    tensors = {"x.weight": torch.randn(128, 128), "x.bias": torch.randn(128)}
+    writer = HFWriter(tmp_path / "hf", config=None, background=True)
+    (group,) = writer.groups({key: TensorMeta.of(t) for key, t in tensors.items()})
+    given = dict(tensors)
+    alive = {key: weakref.ref(t) for key, t in tensors.items()}
+    writer.write_group(0, given)
+    writer.finalize()
+    assert seen == [(True, 0)]  # written from the writer's own dict, emptied tensor by tensor
+    assert given.keys() == set(group)  # the caller's mapping is left as it was
+    del tensors, given
+    gc.collect()
+    assert all(ref() is None for ref in alive.values())  # and nothing in the writer keeps them
