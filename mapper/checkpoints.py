@@ -28,6 +28,7 @@ from mapper import __version__
 from mapper.configs import NeoXModelConfig, load_neox_yaml, pad_vocab_size
 from mapper.detect import Candidate, Detection, builtin_rule_sets, detect, require_single
 from mapper.engine import SIDECAR_FILE, ExecutionReport, Plan, Sidecar, compile_plan, execute
+from mapper.engine.compile import check_expected
 from mapper.engine.execute import target_manifest
 from mapper.errors import CheckpointError, MapperError
 from mapper.formats import HFCheckpoint, NeoXCheckpoint, open_checkpoint
@@ -208,7 +209,8 @@ def _prepare_neox_to_hf(
             "activation, rotary...) to write config.json",
             where=source.path, hint="pass --config path/to/model.yml (the YAML the model was trained with)",
         )
-    plan = compile_plan(chosen, manifest, parameters)
+    detected = detection.chosen.plan if detection is not None and detection.chosen is not None else None
+    plan = detected or compile_plan(chosen, manifest, parameters)
     arch = ARCH_OF_TARGET[chosen.target or ""]
     hf_config = model.to_hf_config(
         arch, intermediate_size=_mlp_width(plan), vocab_size=trim_vocab or None,
@@ -216,7 +218,7 @@ def _prepare_neox_to_hf(
     hf_config["architectures"] = ["GPTNeoXForCausalLM" if arch == "gpt_neox" else "LlamaForCausalLM"]
     files = [Path(p) for p in config_files] or list(source.config_files)
     if transformers_available():
-        plan = compile_plan(chosen, manifest, parameters, expected=expected_tensors(hf_config))
+        check_expected(plan, expected_tensors(hf_config))
     else:
         notes.append("transformers is not installed: the output was not checked against the HF model's keys")
     notes.extend(_dropped_notes(plan))

@@ -120,6 +120,8 @@ def _try(rules: RuleSet, manifest: Manifest, parameters: Mapping[str, int], mode
                 candidate.reasons.append(
                     f"the model config has {name}={getattr(model, name)!r}, the rule set is for {rules.variant[name]!r}"
                 )
+    if candidate.reasons:
+        return candidate  # ruled out by the config: no need to compile
     try:
         candidate.plan = compile_plan(rules, manifest, parameters)
     except CompileError as error:

@@ -273,23 +273,7 @@ class _Builder:
             self.problem("no rule consumes this tensor", key=key, hint=hint)
         targets = {k: v for k, v in self.working.items() if v.producer is not None}
         if expected is not None:
-            wanted = set(expected)
-            for key in sorted(wanted - set(targets)):
-                self.problem("expected in the target but no rule produces it", key=key)
-            for key in sorted(set(targets) - wanted):
-                self.problem(
-                    "produced but not expected in the target", key=key,
-                    hint=f"made by rule {targets[key].producer.rule_id}",  # type: ignore[union-attr]
-                )
-            if isinstance(expected, Mapping):
-                for key in sorted(wanted & set(targets)):
-                    want = tuple(expected[key])
-                    if targets[key].meta.shape != want:
-                        self.problem(
-                            f"shape {list(targets[key].meta.shape)} but the target model expects {list(want)}",
-                            key=key,
-                            hint=f"made by rules {', '.join(n.rule_id for n in _lineage(targets[key]))}",
-                        )
+            self.problems.extend(expected_problems(targets, expected))
         self.targets = dict(sorted(targets.items(), key=lambda kv: _natural(kv[0])))
 
     def plan(self) -> Plan:
@@ -301,7 +285,8 @@ class _Builder:
         )
 
     def _templates(self) -> list[str]:
-        return [re.sub(r"\d+", "*", k) for k in self.working]
+        """The distinct shapes of the keys still in play (``layer_*.mlp.fc*_weight@rank*``)."""
+        return sorted({re.sub(r"\d+", "*", k) for k in self.working})
 
     @cached_property
     def _rule_templates(self) -> list[tuple[Op, str, str]]:
@@ -330,6 +315,33 @@ class _Builder:
                 "a placeholder is out of its range" if not self._in_range(binding)
                 else "an earlier rule or a `when` condition took it out of play") + ")"
         return f"nearest rule: {op.id} {op.name} {text!r}{why}" + (f" at {origin}" if origin else "")
+
+
+def expected_problems(targets: Mapping[str, Value], expected: Expected) -> list[Problem]:
+    """Target keys (and shapes) against what the target model expects: every difference."""
+    problems = []
+    wanted = set(expected or ())
+    for key in sorted(wanted - set(targets)):
+        problems.append(Problem("expected in the target but no rule produces it", key=key))
+    for key in sorted(set(targets) - wanted):
+        problems.append(Problem("produced but not expected in the target", key=key,
+                                hint=f"made by rule {targets[key].producer.rule_id}"))  # type: ignore[union-attr]
+    if isinstance(expected, Mapping):
+        for key in sorted(wanted & set(targets)):
+            want = tuple(expected[key])
+            if targets[key].meta.shape != want:
+                problems.append(Problem(
+                    f"shape {list(targets[key].meta.shape)} but the target model expects {list(want)}", key=key,
+                    hint=f"made by rules {', '.join(n.rule_id for n in _lineage(targets[key]))}",
+                ))
+    return problems
+
+
+def check_expected(plan: Plan, expected: Expected) -> None:
+    """Raise CompileError unless ``plan`` produces exactly the expected keys and shapes."""
+    problems = expected_problems(plan.targets, expected)
+    if problems:
+        raise CompileError(problems, where=f"rule set {plan.ruleset.name}")
 
 
 def _lineage(value: Value) -> list[Node]:
