@@ -8,7 +8,7 @@ tensor data on demand; a *sink* receives finished output files' tensors. Readers
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -101,7 +101,10 @@ class Sink(Protocol):
         ...
 
     def write_group(self, index: int, tensors: Mapping[str, torch.Tensor]) -> None:
-        """Write output file ``index`` (all its tensors at once); called once per group."""
+        """Write output file ``index`` (all its tensors at once); called once per group.
+
+        Values are tensors, or :class:`LazyConcat` when the sink sets ``writes_lazy = True``.
+        """
         ...
 
 
@@ -132,6 +135,59 @@ class DictSink:
 
     def write_group(self, index: int, tensors: Mapping[str, torch.Tensor]) -> None:
         self.tensors.update(tensors)
+
+
+class LazyConcat:
+    """``torch.cat(parts, dim)``, not made yet: the tensor-parallel merge of most weights.
+
+    Concatenating shards into fresh memory only to write the result out costs a copy and a page
+    fault per page. A sink that sets ``writes_lazy = True`` (the HF writer) streams the parts
+    instead: along dim 0 each part's bytes in turn, straight from the source's memory map; along
+    another dim a block of rows at a time through one reused buffer. Everything else gets a real
+    tensor from :func:`materialize`.
+    """
+
+    def __init__(self, parts: list[torch.Tensor], dim: int):
+        self.parts = list(parts)
+        self.dim = dim % parts[0].dim()
+        shape = list(parts[0].shape)
+        shape[self.dim] = sum(p.shape[self.dim] for p in parts)
+        self.shape = torch.Size(shape)
+        self.dtype = parts[0].dtype
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self.parts)
+
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    def materialize(self) -> torch.Tensor:
+        return torch.cat(self.parts, dim=self.dim)
+
+    def chunks(self, buffer_bytes: int = 64 << 20) -> Iterator[torch.Tensor]:
+        """Contiguous tensors whose bytes, in order, are the concatenation's bytes.
+
+        A chunk may be a reused buffer: consume each before asking for the next.
+        """
+        if math.prod(self.shape[: self.dim]) == 1:  # dim 0 (or leading 1s): parts follow each other
+            for part in self.parts:
+                yield part.contiguous()
+            return
+        rows = self.shape[0]
+        row_bytes = max(self.nbytes // max(rows, 1), 1)
+        block = max(1, min(rows, buffer_bytes // row_bytes))
+        buffer = torch.empty((block, *self.shape[1:]), dtype=self.dtype)
+        for start in range(0, rows, block):
+            stop = min(rows, start + block)
+            out = buffer[: stop - start]
+            torch.cat([p[start:stop] for p in self.parts], dim=self.dim, out=out)
+            yield out
+
+
+def materialize(value: torch.Tensor | LazyConcat) -> torch.Tensor:
+    """A real tensor for a value that may be a :class:`LazyConcat`."""
+    return value.materialize() if isinstance(value, LazyConcat) else value
 
 
 def total_bytes(metas: Iterable[TensorMeta]) -> int:

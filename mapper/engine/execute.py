@@ -25,7 +25,7 @@ from mapper.engine.plan import Node, Plan
 from mapper.engine.sidecar import Sidecar
 from mapper.errors import ConversionError, MapperError
 from mapper.ops import NeedsResidual, OpContext, all_bitwise_equal
-from mapper.tensors import Sink, Source, TensorMeta
+from mapper.tensors import Sink, Source, TensorMeta, materialize
 
 
 @dataclass
@@ -110,8 +110,12 @@ def execute(
             if value.consumer is not None or group_of.get(value.key) in selected:
                 hold(value.id, tensor)
 
+    lazy_ok = getattr(sink, "writes_lazy", False) and cast is None
+
     def finished(key: str) -> torch.Tensor:
         tensor = release(plan.targets[key].id)
+        if not lazy_ok:
+            tensor = materialize(tensor)
         return cast_checked(key, tensor, cast) if cast is not None else tensor
 
     chosen = [groups[i] for i in selected]
@@ -155,7 +159,9 @@ def _run(
     average_replicas: bool,
 ) -> list[torch.Tensor]:
     op = node.op
-    keys = [v.key for v in node.inputs] or [v.key for v in node.outputs]
+    if not op.passes_through:
+        inputs = [materialize(t) for t in inputs]
+    keys = [key for v in node.inputs for key in v.sources()] or [v.key for v in node.outputs]
     ctx = OpContext(plan.parameters, plan.ranges, average_replicas=average_replicas, keys=tuple(keys))
     try:
         residual = sidecar.get(node.reads_residual)

@@ -59,6 +59,7 @@ class HFWriter(StagedWriter):
     """
 
     kind = "hf"
+    writes_lazy = True  # streams LazyConcat parts into the file (mapper.tensors.LazyConcat)
 
     def __init__(
         self,

@@ -27,7 +27,7 @@ import torch
 from mapper.errors import CheckpointError, ConversionError
 from mapper.formats.naming import natural_key
 from mapper.formats.output import Cancelled
-from mapper.tensors import TensorMeta
+from mapper.tensors import LazyConcat, TensorMeta
 
 MAX_HEADER = 100_000_000  # the reference implementation's limit
 
@@ -258,14 +258,19 @@ def write_safetensors(
     for key in order:
         if stop is not None and stop.is_set():
             raise Cancelled(f"writing was cancelled before {key}")
-        view = tensor_bytes(tensors[key])
-        if len(view) != metas[key].nbytes:
+        value = tensors[key]
+        written = 0
+        for piece in value.chunks() if isinstance(value, LazyConcat) else (value,):
+            view = tensor_bytes(piece)
+            f.write(view)
+            written += len(view)
+            del view
+        del value
+        if written != metas[key].nbytes:
             raise ConversionError(
-                f"tensor has {len(view)} bytes, expected {metas[key].nbytes}",
+                f"tensor has {written} bytes, expected {metas[key].nbytes}",
                 where=key,
                 hint="this is a bug in mapper's writer; please report it",
             )
-        f.write(view)
-        del view
         if release:
             del tensors[key]  # type: ignore[attr-defined]

@@ -60,7 +60,7 @@ from mapper.formats.output import (
     parts_staging_path,
     write_bytes_atomic,
 )
-from mapper.tensors import Manifest, TensorMeta, dtype_from_name, dtype_name
+from mapper.tensors import LazyConcat, Manifest, TensorMeta, dtype_from_name, dtype_name
 
 META_DIR = ".mapper"
 
@@ -386,7 +386,7 @@ class StagedWriter:
             )
         for key, meta in expected.items():
             tensor = tensors[key]
-            if not isinstance(tensor, torch.Tensor):
+            if not isinstance(tensor, (torch.Tensor, LazyConcat)):
                 raise ConversionError(
                     f"got a {type(tensor).__name__}, expected a tensor", where=key, hint="pass torch tensors"
                 )

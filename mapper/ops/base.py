@@ -57,6 +57,8 @@ class Op(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
     name: ClassVar[str]
+    # True for ops that pass values through untouched (rename): they may receive a LazyConcat.
+    passes_through: ClassVar[bool] = False
     id: str | None = Field(
         None,
         description="Stable name of this rule (reports, sidecar). Default: the file's name and the rule's index, e.g. 'neox-common#0'.",

@@ -15,6 +15,7 @@ class Rename(Op):
     """Move a tensor to a new key, bytes untouched. Inverse: rename back."""
 
     name: ClassVar[str] = "rename"
+    passes_through: ClassVar[bool] = True
 
     from_: str = Field(alias="from", description="Key pattern of the input tensor.")
     to: str = Field(description="Key pattern of the output; same placeholders as `from`.")

@@ -32,7 +32,7 @@ from mapper.ops.base import (
     normalize_dim,
     require_same,
 )
-from mapper.tensors import TensorMeta
+from mapper.tensors import LazyConcat, TensorMeta
 
 Mode = Literal["concat", "replicated", "sum"]
 
@@ -125,8 +125,8 @@ class Fuse(_Parts):
         return [TensorMeta(shape, first.dtype)]
 
     def apply(self, inputs: list[torch.Tensor], ctx: OpContext) -> list[torch.Tensor]:
-        if self.mode == "concat":
-            return [torch.cat(inputs, dim=self.dim)]
+        if self.mode == "concat":  # made by the writer, or by the next op that needs it (saves a copy)
+            return [LazyConcat(inputs, self.dim)]  # type: ignore[list-item]
         if self.mode == "sum":
             return [_tree_sum(inputs)]
         different = [i for i, t in enumerate(inputs[1:], 1) if not bitwise_equal(t, inputs[0])]
