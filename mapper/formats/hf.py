@@ -22,6 +22,7 @@ import torch
 from mapper.errors import CheckpointError
 from mapper.formats import safe_pickle
 from mapper.formats.naming import natural_key
+from mapper.formats.readahead import will_need
 from mapper.formats.safetensors_io import Entry, MappedFile, read_header
 from mapper.tensors import TensorMeta
 
@@ -232,7 +233,7 @@ class HFCheckpoint:
         """The tensor ``key``, a view of a memory map (do not write to it)."""
         file = self.file_of(key)
         if self.format == "safetensors":
-            return self._maps[file].tensor(self._entries[key])
+            return will_need(self._maps[file].tensor(self._entries[key]))
         return self._load_bin(file)[key]
 
     def close(self) -> None:

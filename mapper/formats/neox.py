@@ -54,6 +54,7 @@ from mapper.formats.naming import (
     natural_key,
     neox_key,
 )
+from mapper.formats.readahead import will_need
 from mapper.tensors import TensorMeta
 
 PIPELINE = "pipeline"
@@ -382,6 +383,8 @@ class NeoXCheckpoint:
         mapped = located.file in self._cache and located.file not in self._copied
         if mapped and self._small(tensor.nbytes, located.file):
             tensor = tensor.clone()  # see the module docstring
+        elif mapped:
+            will_need(tensor)  # read ahead now, not when the writer thread touches it
         self._handed_out(located.file, located.inner, tensor.nbytes)
         return tensor
 
