@@ -148,3 +148,12 @@ def test_verify_on_real_text_with_a_local_tokenizer(te_checkpoint, tmp_path, cap
     assert code == 0 and report["ok"] and report["input_shape"] == [1, 8]
     code, _, err = run(capsys, "verify", str(te_checkpoint), str(tmp_path / "hf"), "--text", "hello")
     assert code == 2 and "--tokenizer" in err
+
+
+def test_diff_maps_a_checkpoint_through_a_rule_set(te_checkpoint, tmp_path, capsys):
+    run(capsys, "convert", str(te_checkpoint), str(tmp_path / "hf"), "-q")
+    code, out, _ = run(capsys, "diff", str(te_checkpoint), str(tmp_path / "hf"), "--rules", "neox-te-to-hf-gpt-neox", "--json")
+    report = json.loads(out)
+    assert code == 0 and report["counts"] == {"equal": 27}
+    code, out, _ = run(capsys, "diff", str(te_checkpoint), str(tmp_path / "hf"), "--rules", "neox-te-mha-to-hf-gpt-neox")
+    assert code == 2  # that rule set does not fit the checkpoint: bad input, not a difference

@@ -121,3 +121,31 @@ def test_hf_folder_without_a_record_needs_the_variant_named(tmp_path: Path):
     out = convert_checkpoint(hf.output, tmp_path / "neox-back", rules="neox-to-hf-gpt-neox", tp=2)
     with NeoXCheckpoint(out.output) as returned:
         assert returned.tp == 2
+
+
+def test_tensor_parallel_degree_8(tmp_path: Path):
+    config, tensors = synthesize_variant("te-full-parallel", tp=8, num_heads=8, num_kv_heads=8, seed=8)
+    neox = write_neox_checkpoint(tensors, config, tmp_path / "neox")
+    hf = convert_checkpoint(neox, tmp_path / "hf")
+    ids = torch.randint(0, config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        logits = load_model(hf.output)(ids).logits
+    assert (logits - neox_forward(tensors, config, ids).logits).abs().max().item() <= 1e-4
+    back = convert_checkpoint(hf.output, tmp_path / "neox-back")
+    with NeoXCheckpoint(back.output) as returned, NeoXCheckpoint(neox) as original:
+        assert returned.tp == 8 and same_tensors(original, returned)
+
+
+def test_detection_refuses_to_guess_between_rule_sets_that_fit_equally(tmp_path: Path):
+    from mapper.detect import detect, require_single
+    from mapper.errors import MapperError
+    from mapper.spec import load_rules
+
+    config, tensors = synthesize_variant("neox-new", tp=1)
+    manifest = {k: v for k, v in NeoXCheckpoint(write_neox_checkpoint(tensors, config, tmp_path / "n")).manifest().items()}
+    original = load_rules("neox-to-hf-gpt-neox")
+    twin = original.model_copy(update={"name": "neox-twin-to-hf-gpt-neox"})
+    detection = detect(manifest, config.rule_parameters(), model=config, candidates=[original, twin])
+    assert detection.chosen is None
+    with pytest.raises(MapperError, match="2 rule sets fit and none stands out: neox-to-hf-gpt-neox, neox-twin"):
+        require_single(detection, "which")
