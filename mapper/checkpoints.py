@@ -35,7 +35,8 @@ from mapper.formats import HFCheckpoint, NeoXCheckpoint, open_checkpoint
 from mapper.formats.hf_writer import HFWriter
 from mapper.formats.naming import layer_file_name, mp_rank_file_name, parse_neox_key
 from mapper.formats.neox_writer import NeoXWriter
-from mapper.formats.output import write_bytes_atomic
+from mapper.formats.output import parts_staging_path, write_bytes_atomic
+from mapper.formats.writing import META_DIR
 from mapper.hf_models import expected_tensors, transformers_available
 from mapper.spec import RuleSet, dump_rule_set, load_rules
 
@@ -164,7 +165,7 @@ def detect_checkpoint(src: str | Path, *, config_files: Sequence[str | Path] = (
 
 def finalize_parts(out: str | Path, *, force: bool = False) -> Path:
     """The last step of a multi-machine conversion: check every part, then publish ``out``."""
-    staging_plan = Path(out).parent / f".{Path(out).name}.mapper-parts" / ".mapper" / "plan.json"
+    staging_plan = parts_staging_path(Path(out)) / META_DIR / "plan.json"
     kind = json.loads(staging_plan.read_text()).get("kind") if staging_plan.is_file() else "hf"
     writer = HFWriter if kind == "hf" else NeoXWriter
     return writer.finalize_parts(out, force=force)

@@ -17,6 +17,7 @@ from typing import Any
 from mapper.configs import NeoXModelConfig
 from mapper.engine import Plan, compile_plan
 from mapper.errors import CompileError, MapperError
+from mapper.expressions import evaluate
 from mapper.spec import RuleSet, builtin_rule_files, load_rule_file
 from mapper.tensors import Manifest
 
@@ -139,6 +140,4 @@ def _try(rules: RuleSet, manifest: Manifest, parameters: Mapping[str, int], mode
 
 
 def _active(when: str, parameters: Mapping[str, int]) -> bool:
-    from mapper.expressions import evaluate
-
     return bool(evaluate(when, parameters))
