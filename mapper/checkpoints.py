@@ -15,8 +15,7 @@ An HF -> NeoX conversion reads them back when present, which makes NeoX -> HF ->
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -32,9 +31,9 @@ from mapper.engine.compile import check_expected
 from mapper.engine.execute import target_manifest
 from mapper.errors import CheckpointError, MapperError
 from mapper.formats import HFCheckpoint, NeoXCheckpoint, open_checkpoint
-from mapper.formats.hf_writer import HFWriter
+from mapper.formats.hf_writer import HFWriter, plan_shards
 from mapper.formats.naming import layer_file_name, mp_rank_file_name, parse_neox_key
-from mapper.formats.neox_writer import NeoXWriter
+from mapper.formats.neox_writer import NeoXWriter, plan_layer_files
 from mapper.formats.output import parts_staging_path, write_bytes_atomic
 from mapper.formats.writing import META_DIR
 from mapper.hf_models import expected_tensors, transformers_available
@@ -69,6 +68,14 @@ class Prepared:
     @property
     def output_tp(self) -> int:
         return self.parameters["tp"]
+
+    def output_groups(self, max_shard_size: int = 5 * 10**9) -> list[list[str]]:
+        """The target keys of each output file, as the writer will plan them (no I/O)."""
+        if self.direction == "neox-to-hf":
+            files = plan_shards(self.plan.target_manifest, max_shard_size)
+        else:
+            files = plan_layer_files(self.plan.target_manifest, self.output_tp)
+        return [list(f.keys) for f in files]
 
     def record(self) -> dict[str, Any]:
         """What ``mapper.json`` says about this conversion."""
@@ -148,7 +155,7 @@ def detect_checkpoint(src: str | Path, *, config_files: Sequence[str | Path] = (
     source = open_checkpoint(src)
     if isinstance(source, NeoXCheckpoint):
         manifest = source.manifest()
-        model, parameters, _ = _neox_model(source, config_files)
+        model, _, parameters, _ = _neox_model(source, config_files)
         return detect(manifest, parameters, model=model)
     record = _read_record(source.path)
     target = _hf_target(source)
@@ -180,7 +187,7 @@ def _prepare_neox_to_hf(
     overrides: Mapping[str, int],
 ) -> Prepared:
     manifest = source.manifest()
-    model, parameters, notes = _neox_model(source, config_files)
+    model, raw, parameters, notes = _neox_model(source, config_files)
     if trim_vocab:
         padded = parameters.get("vocab_size")
         if padded is not None and trim_vocab > padded:
@@ -217,7 +224,6 @@ def _prepare_neox_to_hf(
         arch, intermediate_size=_mlp_width(plan), vocab_size=trim_vocab or None,
     )
     hf_config["architectures"] = ["GPTNeoXForCausalLM" if arch == "gpt_neox" else "LlamaForCausalLM"]
-    files = [Path(p) for p in config_files] or list(source.config_files)
     if transformers_available():
         check_expected(plan, expected_tensors(hf_config))
     else:
@@ -225,24 +231,26 @@ def _prepare_neox_to_hf(
     notes.extend(_dropped_notes(plan))
     return Prepared(
         "neox-to-hf", source, chosen, chosen, model, plan.parameters, plan, hf_config,
-        _read_neox_yaml(files), detection=detection, notes=notes,
+        raw, detection=detection, notes=notes,
     )
 
 
 def _neox_model(
     source: NeoXCheckpoint, config_files: Sequence[str | Path]
-) -> tuple[NeoXModelConfig | None, dict[str, int], list[str]]:
-    """The model config (given, or found under configs/) and the rule parameters it implies."""
+) -> tuple[NeoXModelConfig | None, dict[str, Any], dict[str, int], list[str]]:
+    """The model config (given, or found under configs/), its merged YAML, and the rule
+    parameters it implies (read off the checkpoint where there is no config)."""
     manifest = source.manifest()
     files = [Path(p) for p in config_files] or list(source.config_files)
     parameters = _inferred_parameters(manifest, source.tp)
     if not files:
-        return None, parameters, ["no NeoX config found (configs/ or --config): parameters are read off the checkpoint"]
-    raw = _read_neox_yaml(files)
+        return None, {}, parameters, [
+            "no NeoX config found (configs/ or --config): parameters are read off the checkpoint"
+        ]
+    raw = load_neox_yaml(files)
     _check_rank_files(source, raw)
-    with _config_hint():
-        model = NeoXModelConfig.from_neox_yaml(raw, tp=source.tp, padded_vocab_size=_padded_vocab(manifest, source.tp))
-    return model, {**parameters, **model.rule_parameters()}, []
+    model = NeoXModelConfig.from_neox_yaml(raw, tp=source.tp, padded_vocab_size=_padded_vocab(manifest, source.tp))
+    return model, raw, {**parameters, **model.rule_parameters()}, []
 
 
 def _check_rank_files(source: NeoXCheckpoint, raw: Mapping[str, Any]) -> None:
@@ -338,16 +346,15 @@ def _prepare_hf_to_neox(
     _check_tp(source, out_tp)
     saved_yaml = source.path / NEOX_CONFIG_FILE
     files = [Path(p) for p in config_files] or ([saved_yaml] if saved_yaml.is_file() else [])
-    raw = _read_neox_yaml(files) if files else {}
+    raw = load_neox_yaml(files) if files else {}
     hf_vocab = int(source.config["vocab_size"])
-    with _config_hint():
-        if raw:
-            raw = {**raw, "model_parallel_size": out_tp}
-            model = NeoXModelConfig.from_neox_yaml(raw, tp=out_tp, padded_vocab_size=_repadded(raw, hf_vocab, out_tp))
-        else:
-            model = NeoXModelConfig.from_hf_config(source.config, tp=out_tp)
-        variant = {k: v for k, v in forward.variant.items() if k in NeoXModelConfig.model_fields}
-        model = model.model_copy(update=variant)
+    if raw:
+        raw = {**raw, "model_parallel_size": out_tp}
+        model = NeoXModelConfig.from_neox_yaml(raw, tp=out_tp, padded_vocab_size=_repadded(raw, hf_vocab, out_tp))
+    else:
+        model = NeoXModelConfig.from_hf_config(source.config, tp=out_tp)
+    variant = {k: v for k, v in forward.variant.items() if k in NeoXModelConfig.model_fields}
+    model = model.model_copy(update=variant)
     parameters = {**model.rule_parameters(), "tp": out_tp}
     if hf_vocab != model.vocab_size:
         parameters["trim_vocab"] = hf_vocab
@@ -389,27 +396,6 @@ def _check_tp(source: HFCheckpoint, tp: int) -> None:
             where=source.path / "config.json",
             hint=f"choose a --tp that divides the heads: {', '.join(map(str, fits))}",
         )
-
-
-def _read_neox_yaml(files: Sequence[Path]) -> dict[str, Any]:
-    """:func:`load_neox_yaml`, with a fix added to the errors that come without one."""
-    with _config_hint():
-        return load_neox_yaml(files)
-
-
-@contextmanager
-def _config_hint() -> Iterator[None]:
-    """Give a model-config error that has no fix of its own (a wrong --config path, YAML that
-    does not parse, values that contradict each other) the usual fix."""
-    try:
-        yield
-    except MapperError as error:
-        if error.hint is None:
-            error.hint = (
-                "check the --config file(s) (NeoX saves the config it trained with under configs/ in "
-                "the checkpoint folder), or the HF folder's config.json"
-            )
-        raise
 
 
 def _repadded(raw: Mapping[str, Any], hf_vocab: int, tp: int) -> int:

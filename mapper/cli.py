@@ -135,6 +135,14 @@ def _notes(notes: list[str], *, as_json: bool) -> None:
         console.print(f"[dim]note:[/dim] {escape(note)}")
 
 
+def _table(title: str | None, *columns: str) -> Table:
+    """A table whose long keys and patterns wrap inside their cells."""
+    table = Table(title=title)
+    for column in columns:
+        table.add_column(column, overflow="fold")
+    return table
+
+
 @contextmanager
 def _progress(label: str) -> Iterator[tuple[Any, Any]]:
     """A bytes progress bar (throughput, ETA) on stderr, shown once writing starts."""
@@ -242,7 +250,6 @@ def plan(
 ) -> None:
     """Dry run from metadata only: source -> ops -> target per tensor, sizes, peak memory."""
     from mapper.checkpoints import prepare
-    from mapper.formats.hf_writer import plan_shards
 
     try:
         ready = prepare(src, rules=rules, config_files=config or [], tp=tp, trim_vocab=trim_vocab, parameters=_params(param))
@@ -253,18 +260,13 @@ def plan(
             _problems_table(error)
         raise
     the_plan = ready.plan
-    if ready.direction == "neox-to-hf":
-        groups = [list(f.keys) for f in plan_shards(the_plan.target_manifest, _size(max_shard_size))]
-    else:
-        groups = _neox_groups(the_plan)
+    groups = ready.output_groups(_size(max_shard_size))
     summary = {**the_plan.summary(), "direction": ready.direction, "parameters": the_plan.parameters,
                "output_files": len(groups), "peak_memory_bytes": the_plan.peak_bytes(groups), "notes": ready.notes}
     if as_json:
         _print_json({**summary, "tensors": the_plan.rows()})
         return
-    table = Table(title=f"{ready.forward_rules.name} {ready.forward_rules.version} ({ready.direction})", show_lines=False)
-    for column in ("source", "ops", "target", "shape"):
-        table.add_column(column, overflow="fold")
+    table = _table(f"{ready.forward_rules.name} {ready.forward_rules.version} ({ready.direction})", "source", "ops", "target", "shape")
     for row in the_plan.rows():
         table.add_row(escape(row["sources"]), escape(" -> ".join(row["ops"])), escape(row["target"]), row["meta"])
     out.print(table)
@@ -276,21 +278,8 @@ def plan(
     )
 
 
-def _neox_groups(the_plan: Any) -> list[list[str]]:
-    from mapper.formats.naming import parse_neox_key
-
-    files: dict[tuple[int, int], list[str]] = {}
-    for key in the_plan.targets:
-        name = parse_neox_key(key)
-        files.setdefault((name.idx, name.rank), []).append(key)
-    return [files[k] for k in sorted(files)]
-
-
 def _problems_table(error: Any) -> None:
-    table = Table(title="problems", show_lines=False)
-    table.add_column("key", overflow="fold")
-    table.add_column("problem", overflow="fold")
-    table.add_column("nearest rule / hint", overflow="fold")
+    table = _table("problems", "key", "problem", "nearest rule / hint")
     for problem in error.problems:
         table.add_row(escape(problem.key or ""), escape(problem.message), escape(problem.hint or problem.rule or ""))
     err.print(table)
@@ -310,9 +299,7 @@ def detect(
     if as_json:
         _print_json(detection.summary())
     else:
-        table = Table(title=f"rule sets tried on {path}")
-        for column in ("rule set", "fits", "why not / optional rules left unused"):
-            table.add_column(column, overflow="fold")
+        table = _table(f"rule sets tried on {path}", "rule set", "fits", "why not / optional rules left unused")
         for candidate in detection.candidates:
             why = candidate.reasons[0].splitlines()[0] if candidate.reasons else ", ".join(candidate.unused_optional) or "-"
             table.add_row(candidate.rules.name, "[green]yes[/green]" if candidate.fits else "no", escape(why))
@@ -371,9 +358,7 @@ def roundtrip(
     if as_json:
         _print_json(report.to_dict())
     else:
-        table = Table(title=f"round trip with {report.rules}")
-        for column in ("tensor", "dtype/shape", "bitwise equal"):
-            table.add_column(column, overflow="fold")
+        table = _table(f"round trip with {report.rules}", "tensor", "dtype/shape", "bitwise equal")
         for row in report.diff.rows:
             equal = "[green]yes[/green]" if row.status == "equal" else f"[red]{row.status}[/red]"
             table.add_row(escape(row.key), str(row.a or row.b), equal)
@@ -406,9 +391,7 @@ def diff(
     if as_json:
         _print_json(report.to_dict())
     else:
-        table = Table(title=f"{a} vs {b}" + (f" (A through {rules})" if rules else ""))
-        for column in ("tensor", "status", "A", "B", "max abs diff"):
-            table.add_column(column, overflow="fold")
+        table = _table(f"{a} vs {b}" + (f" (A through {rules})" if rules else ""), "tensor", "status", "A", "B", "max abs diff")
         for row in report.rows:
             if row.status != "equal" or show_equal:
                 table.add_row(escape(row.key), row.status, str(row.a or "-"), str(row.b or "-"),
@@ -430,9 +413,7 @@ def rules_list(as_json: JsonOpt = False) -> None:
         _print_json([{"name": r.name, "version": r.version, "source": r.source, "target": r.target,
                       "variant": r.variant, "description": r.description.strip()} for r in found])
         return
-    table = Table(title="shipped rule sets")
-    for column in ("name", "version", "source -> target", "variant"):
-        table.add_column(column, overflow="fold")
+    table = _table("shipped rule sets", "name", "version", "source -> target", "variant")
     for r in found:
         variant = ", ".join(f"{k}={v}" for k, v in r.variant.items())
         table.add_row(r.name, r.version or "", f"{r.source} -> {r.target}", variant)
@@ -461,9 +442,7 @@ def rules_show(
         out.print("parameters: " + ", ".join(
             f"{k}" + (f"={p.default}" if p.default is not None else f"={p.expr}" if p.expr else "") for k, p in ruleset.parameters.items()))
     out.print("placeholders: " + ", ".join(f"{k}: {v}" for k, v in ruleset.placeholders.items()))
-    table = Table()
-    for column in ("id", "op", "from", "to", "when / note"):
-        table.add_column(column, overflow="fold")
+    table = _table(None, "id", "op", "from", "to", "when / note")
     for op in ruleset.ops:
         source = ", ".join(op.input_patterns())
         target = ", ".join(op.output_patterns())

@@ -17,7 +17,6 @@ from typing import Any
 from mapper.configs import NeoXModelConfig
 from mapper.engine import Plan, compile_plan
 from mapper.errors import CompileError, MapperError
-from mapper.expressions import evaluate
 from mapper.spec import RuleSet, builtin_rule_files, load_rule_file
 from mapper.tensors import Manifest
 
@@ -134,10 +133,7 @@ def _try(rules: RuleSet, manifest: Manifest, parameters: Mapping[str, int], mode
     used = {n.op.id for n in candidate.plan.nodes}
     candidate.unused_optional = [
         op.id for op in rules.ops
-        if op.optional and op.id not in used and (op.when is None or _active(op.when, candidate.plan.parameters))
+        if op.optional and op.id not in used and op.active(candidate.plan.parameters)
     ]
     return candidate
 
-
-def _active(when: str, parameters: Mapping[str, int]) -> bool:
-    return bool(evaluate(when, parameters))

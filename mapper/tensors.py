@@ -8,7 +8,7 @@ tensor data on demand; a *sink* receives finished output files' tensors. Readers
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -189,6 +189,3 @@ def materialize(value: torch.Tensor | LazyConcat) -> torch.Tensor:
     """A real tensor for a value that may be a :class:`LazyConcat`."""
     return value.materialize() if isinstance(value, LazyConcat) else value
 
-
-def total_bytes(metas: Iterable[TensorMeta]) -> int:
-    return sum(m.nbytes for m in metas)

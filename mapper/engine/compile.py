@@ -25,10 +25,9 @@ from collections.abc import Collection, Mapping
 from typing import Union
 
 from mapper.errors import CompileError, Problem, RuleFileError
-from mapper.expressions import evaluate
 from mapper.ops import NeedsResidual, Op, OpContext, ShapeError
 from mapper.patterns import BoundPattern, Pattern
-from mapper.engine.plan import Node, Plan, Value
+from mapper.engine.plan import Node, Plan, Value, lineage
 from mapper.engine.sidecar import Sidecar
 from mapper.spec.models import RuleSet
 from mapper.tensors import Manifest, TensorMeta
@@ -53,7 +52,7 @@ def compile_plan(
         builder.add_source(key, meta)
     for rule_index, op in enumerate(ruleset.ops):
         try:
-            active = op.when is None or bool(evaluate(op.when, values))
+            active = op.active(values)
         except RuleFileError as error:
             builder.problem(error.message, rule=op)
             continue
@@ -332,7 +331,7 @@ def expected_problems(targets: Mapping[str, Value], expected: Expected) -> list[
             if targets[key].meta.shape != want:
                 problems.append(Problem(
                     f"shape {list(targets[key].meta.shape)} but the target model expects {list(want)}", key=key,
-                    hint=f"made by rules {', '.join(n.rule_id for n in _lineage(targets[key]))}",
+                    hint=f"made by rules {', '.join(n.rule_id for n in lineage(targets[key]))}",
                 ))
     return problems
 
@@ -342,17 +341,6 @@ def check_expected(plan: Plan, expected: Expected) -> None:
     problems = expected_problems(plan.targets, expected)
     if problems:
         raise CompileError(problems, where=f"rule set {plan.ruleset.name}")
-
-
-def _lineage(value: Value) -> list[Node]:
-    nodes, stack, seen = [], [value], set()
-    while stack:
-        node = stack.pop().producer
-        if node is not None and node.index not in seen:
-            seen.add(node.index)
-            nodes.append(node)
-            stack.extend(node.inputs)
-    return sorted(nodes, key=lambda n: n.index)
 
 
 def _natural(key: str) -> list:

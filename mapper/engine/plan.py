@@ -9,7 +9,7 @@ is consumed exactly once), so the executor can free a tensor the moment its cons
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -102,20 +102,7 @@ class Plan:
     # --- lineage ---------------------------------------------------------------------------
     def lineage(self, target: str) -> list[Node]:
         """Every node that contributed to ``target``, in execution order."""
-        seen: dict[int, Node] = {}
-        stack = [self.targets[target]]
-        while stack:
-            value = stack.pop()
-            node = value.producer
-            if node is not None and node.index not in seen:
-                seen[node.index] = node
-                stack.extend(node.inputs)
-        return [seen[i] for i in sorted(seen)]
-
-    def source_keys_of(self, target: str) -> list[str]:
-        return sorted({v.key for n in self.lineage(target) for v in n.inputs if v.producer is None}) or (
-            [target] if target in self.sources else []
-        )
+        return lineage(self.targets[target])
 
     def rules_for(self, targets: Iterable[str]) -> list[str]:
         """The rule ids that produced these targets (for 'which rule is responsible?')."""
@@ -183,7 +170,7 @@ class Plan:
             steps = {n.rule_id: n.op for n in self.lineage(key)}  # one entry per rule, not per rank
             rows.append(
                 {
-                    "sources": fold_ranks(self.source_keys_of(key)),
+                    "sources": fold_ranks(sorted(set(value.sources()))),
                     "ops": [op.describe() for op in steps.values()] or ["(unchanged)"],
                     "rules": list(steps),
                     "target": key,
@@ -227,6 +214,18 @@ class Plan:
         }
 
 
+def lineage(value: Value) -> list[Node]:
+    """Every node that contributed to ``value``, in execution order."""
+    seen: dict[int, Node] = {}
+    stack = [value]
+    while stack:
+        node = stack.pop().producer
+        if node is not None and node.index not in seen:
+            seen[node.index] = node
+            stack.extend(node.inputs)
+    return [seen[i] for i in sorted(seen)]
+
+
 _RANK = re.compile(r"^(.*@rank)(\d+)$")
 
 
@@ -249,6 +248,3 @@ def fold_ranks(keys: Sequence[str]) -> str:
             folded.extend(f"{stem}{r}" for r in ranks)
     return ", ".join(plain + folded)
 
-
-def manifest_of(values: Mapping[str, Value]) -> dict[str, TensorMeta]:
-    return {k: v.meta for k, v in values.items()}

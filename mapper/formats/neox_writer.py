@@ -95,6 +95,39 @@ def mp_rank_state(tp: int, iteration: int) -> dict[str, Any]:
     }
 
 
+def plan_layer_files(manifest: Manifest, tp: int, tag: str = "global_step0") -> list[PlannedFile]:
+    """One pipeline layer file per (layer, rank), every layer on all ``tp`` ranks."""
+    if not manifest:
+        raise ConversionError("nothing to write: the target manifest is empty", hint="check the rule set")
+    files: dict[tuple[int, int], list[str]] = defaultdict(list)
+    for key in manifest:
+        try:
+            name = parse_neox_key(key)
+        except MapperError as exc:
+            raise ConversionError(exc.message, where=key, hint=exc.hint) from exc
+        if name.rank >= tp:
+            raise ConversionError(
+                f"TP rank {name.rank} but the writer was given tp={tp}",
+                where=key,
+                hint="pass the number of TP ranks the rules produce as tp",
+            )
+        files[(name.idx, name.rank)].append(key)
+    layers = sorted({idx for idx, _ in files})
+    missing = [(idx, r) for idx in layers for r in range(tp) if (idx, r) not in files]
+    if missing:
+        shown = ", ".join(f"layer {i} rank {r}" for i, r in missing[:10])
+        raise ConversionError(
+            f"{len(missing)} layer files would be missing a TP rank ({shown})",
+            where=f"layer_{missing[0][0]:02d}",
+            hint=f"every layer needs tensors for all {tp} TP ranks",
+        )
+    plan = []
+    for idx, rank in sorted(files):
+        keys = sorted(files[(idx, rank)], key=natural_key)
+        plan.append(PlannedFile(f"{tag}/{layer_file_name(idx, rank)}", tuple(keys), tuple(manifest[k] for k in keys)))
+    return plan
+
+
 class NeoXWriter(StagedWriter):
     """A Sink writing a NeoX pipeline-layout checkpoint from ``layer_XX.K@rankR`` keys."""
 
@@ -136,39 +169,7 @@ class NeoXWriter(StagedWriter):
         }
 
     def _plan(self, manifest: Manifest) -> list[PlannedFile]:
-        if not manifest:
-            raise ConversionError("nothing to write: the target manifest is empty", hint="check the rule set")
-        files: dict[tuple[int, int], list[str]] = defaultdict(list)
-        for key in manifest:
-            try:
-                name = parse_neox_key(key)
-            except MapperError as exc:
-                raise ConversionError(exc.message, where=key, hint=exc.hint) from exc
-            if name.rank >= self.tp:
-                raise ConversionError(
-                    f"TP rank {name.rank} but the writer was given tp={self.tp}",
-                    where=key,
-                    hint="pass the number of TP ranks the rules produce as tp",
-                )
-            files[(name.idx, name.rank)].append(key)
-        layers = sorted({idx for idx, _ in files})
-        missing = [(idx, r) for idx in layers for r in range(self.tp) if (idx, r) not in files]
-        if missing:
-            shown = ", ".join(f"layer {i} rank {r}" for i, r in missing[:10])
-            raise ConversionError(
-                f"{len(missing)} layer files would be missing a TP rank ({shown})",
-                where=f"layer_{missing[0][0]:02d}",
-                hint=f"every layer needs tensors for all {self.tp} TP ranks",
-            )
-        plan = []
-        for idx, rank in sorted(files):
-            keys = sorted(files[(idx, rank)], key=natural_key)
-            plan.append(
-                PlannedFile(
-                    f"{self.tag}/{layer_file_name(idx, rank)}", tuple(keys), tuple(manifest[k] for k in keys)
-                )
-            )
-        return plan
+        return plan_layer_files(manifest, self.tp, self.tag)
 
     def _write_file(
         self, folder: Path, planned: PlannedFile, tensors: Mapping[str, torch.Tensor], stop: threading.Event

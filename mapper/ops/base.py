@@ -73,6 +73,10 @@ class Op(BaseModel):
     )
     note: str | None = Field(None, description="Why this rule exists; shown in plans and reports.")
 
+    def active(self, parameters: Mapping[str, int]) -> bool:
+        """Whether this rule applies under these parameter values (its ``when``)."""
+        return self.when is None or bool(evaluate(self.when, parameters))
+
     # --- key patterns -------------------------------------------------------------------
     def input_patterns(self) -> list[str]:
         return [self.from_]  # type: ignore[attr-defined]
