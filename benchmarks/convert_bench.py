@@ -14,7 +14,10 @@
    ``convert_checkpoint`` to an HF folder, run in a fresh child process: its peak RSS is the
    kernel's high-water mark ``VmHWM`` (read by the child from ``/proc/self/status`` when done),
    cross-checked with ``ru_maxrss`` of ``os.wait4`` in the parent (which never imports torch, so
-   a forked child does not inherit a big RSS). Before every measured run the page cache is dropped
+   a forked child does not inherit a big RSS). The conversion is measured twice over: with the
+   expected-key cache of :mod:`mapper.hf_models` (filled by the warm-up, as by any earlier
+   conversion of the same model config) and without it (``MAPPER_CACHE_DIR=""``: transformers is
+   imported during the run, as on the first conversion of a config). Before every measured run the page cache is dropped
    (``sync; echo 3 > /proc/sys/vm/drop_caches``) when permitted, else the source is read once so
    every run starts warm (the output says which).
 3. Does it again with twice the layers (same hidden size, so the same per-layer size).
@@ -101,19 +104,22 @@ def child_main(argv: list[str]) -> None:
     }
     if kind == "prepare":  # the rule set named: no detection
         t0 = time.perf_counter()
-        prepare(args[0], rules=args[1])
+        prepare(args[0], rules=args[1], background_checks=True)  # as convert_checkpoint does
         result["prepare_s"] = time.perf_counter() - t0
     elif kind == "convert":
         src, dst, max_shard = args[0], args[1], int(args[2])
+        started: dict[str, Any] = {}
+
+        def on_start(nbytes: int) -> None:  # called once the plan is ready, before any tensor is read
+            started.update(t1=time.perf_counter(), status=proc_status())
+
         t0 = time.perf_counter()
-        ready = prepare(src)  # what convert_checkpoint(src, dst) does first
-        t1 = time.perf_counter()
-        prepared_status = proc_status()
-        converted = convert_checkpoint(src, dst, max_shard_size=max_shard, prepared=ready)
+        converted = convert_checkpoint(src, dst, max_shard_size=max_shard, on_start=on_start)
         t2 = time.perf_counter()
+        t1, prepared_status = started["t1"], started["status"]
         report = converted.report
         result.update(
-            rules=ready.rules.name,
+            rules=converted.prepared.rules.name,
             prepare_s=t1 - t0,
             stream_s=t2 - t1,
             convert_s=t2 - t0,
@@ -298,6 +304,12 @@ def measure_scale(
         f"{largest_layer / MB:.0f} MB, one block {block_bytes / MB:.0f} MB; max_shard_size {shard / MB:.0f} MB")
 
     copy_dst, hf_dst = work / f"copy-{layers}L", work / f"hf-{layers}L"
+    # The expected-key cache (mapper.hf_models): the benchmark's own, empty at first; the warm-up
+    # fills it, as the first conversion of a model config does. "uncached" runs turn it off.
+    key_cache = work / f"key-cache-{layers}L"
+    remove(key_cache)
+    cached_env = {"MAPPER_CACHE_DIR": str(key_cache), **(child_env or {})}
+    uncached_env = {**cached_env, "MAPPER_CACHE_DIR": ""}
 
     def run_cp() -> dict[str, Any]:
         prepare_cache(src, can_drop)
@@ -310,10 +322,10 @@ def measure_scale(
         return {"cp_s": t1 - t0, "cp_fsync_s": t2 - t0, "load_before": before[0], "cpu_pressure_before": before[1],
                 "cpu_pressure_after": cpu_pressure()}
 
-    def run_convert() -> dict[str, Any]:
+    def run_convert(env: dict[str, str] = cached_env) -> dict[str, Any]:
         prepare_cache(src, can_drop)
         before = (load_average(), cpu_pressure())
-        result = run_child(["convert", str(src), str(hf_dst), str(shard)], env=child_env)
+        result = run_child(["convert", str(src), str(hf_dst), str(shard)], env=env)
         result.update(load_before=before[0], cpu_pressure_before=before[1], cpu_pressure_after=cpu_pressure(),
                       out_bytes=tree_bytes(hf_dst))
         return result
@@ -326,8 +338,10 @@ def measure_scale(
             what()
     cp_runs: list[dict[str, Any]] = []
     conv_runs: list[dict[str, Any]] = []
+    uncached_runs: list[dict[str, Any]] = []
     for rep in range(repeats):
-        for what in (("cp", "convert") if rep % 2 == 0 else ("convert", "cp")):
+        order = ("cp", "convert", "uncached")
+        for what in (order if rep % 2 == 0 else order[::-1]):
             remove(copy_dst)
             remove(hf_dst)
             if what == "cp":
@@ -336,9 +350,10 @@ def measure_scale(
                 log(f"[{layers} layers] run {rep + 1}/{repeats} cp -r: {run['cp_s']:.2f} s, with fsync "
                     f"{run['cp_fsync_s']:.2f} s  (cpu pressure {run['cpu_pressure_before']}%)")
             else:
-                run = run_convert()
-                conv_runs.append(run)
-                log(f"[{layers} layers] run {rep + 1}/{repeats} convert: {run['convert_s']:.2f} s = prepare "
+                run = run_convert(cached_env if what == "convert" else uncached_env)
+                (conv_runs if what == "convert" else uncached_runs).append(run)
+                log(f"[{layers} layers] run {rep + 1}/{repeats} convert{' (no key cache)' if what == 'uncached' else ''}: "
+                    f"{run['convert_s']:.2f} s = prepare "
                     f"{run['prepare_s']:.2f} + stream {run['stream_s']:.2f} (process {run['wall_s']:.2f} s), "
                     f"peak RSS {run['vmhwm'] / MB:.0f} MB, {run['groups']} shards  "
                     f"(cpu pressure {run['cpu_pressure_before']}%)")
@@ -346,7 +361,7 @@ def measure_scale(
     remove(copy_dst)
     remove(hf_dst)
     prepare_cache(src, can_drop)
-    named = [run_child(["prepare", str(src), RULES], env=child_env) for _ in range(max(1, min(repeats, 3)))]
+    named = [run_child(["prepare", str(src), RULES], env=cached_env) for _ in range(max(1, min(repeats, 3)))]
     log(f"[{layers} layers] prepare with --rules {RULES} (no detection): "
         f"{statistics.median(r['prepare_s'] for r in named):.2f} s")
 
@@ -371,6 +386,9 @@ def measure_scale(
         "convert_s": med(conv_runs, "convert_s"),
         "prepare_s": med(conv_runs, "prepare_s"),
         "stream_s": med(conv_runs, "stream_s"),
+        "convert_uncached_s": med(uncached_runs, "convert_s"),
+        "stream_uncached_s": med(uncached_runs, "stream_s"),
+        "peak_rss_uncached": int(med(uncached_runs, "vmhwm")),
         "prepare_named_rules_s": med(named, "prepare_s"),
         "convert_process_s": med(conv_runs, "wall_s"),
         "peak_rss": int(med(conv_runs, "vmhwm")),
@@ -383,6 +401,7 @@ def measure_scale(
         "max_cpu_pressure": max((r["cpu_pressure_before"] or 0) for r in cp_runs + conv_runs),
         "cp_runs": cp_runs,
         "convert_runs": conv_runs,
+        "convert_uncached_runs": uncached_runs,
         "prepare_named_runs": named,
     }
 
@@ -419,6 +438,7 @@ def summarise(scale: dict[str, Any], baseline_rss: int) -> dict[str, Any]:
     return {
         "ratio_vs_cp_fsync": scale["convert_s"] / scale["cp_fsync_s"],
         "ratio_vs_cp": scale["convert_s"] / scale["cp_s"],
+        "uncached_ratio_vs_cp_fsync": scale["convert_uncached_s"] / scale["cp_fsync_s"],
         "stream_ratio_vs_cp_fsync": scale["stream_s"] / scale["cp_fsync_s"],
         "named_rules_ratio_vs_cp_fsync": (scale["prepare_named_rules_s"] + scale["stream_s"]) / scale["cp_fsync_s"],
         "peak_over_baseline": above,
@@ -449,15 +469,18 @@ def table(results: dict[str, Any]) -> str:
     row("  prepare (open, detect, compile)", lambda s, m: f"{s['prepare_s']:.2f} s")
     row("  stream (read, convert, write)", lambda s, m: f"{s['stream_s']:.2f} s")
     row("  whole child process", lambda s, m: f"{s['convert_process_s']:.2f} s")
+    row("convert, no key cache (first of a config)", lambda s, m: f"{s['convert_uncached_s']:.2f} s")
     row("prepare with --rules (no detect)", lambda s, m: f"{s['prepare_named_rules_s']:.2f} s")
     row("convert / (cp+fsync)   [<= 1.3]", lambda s, m: f"{m['ratio_vs_cp_fsync']:.2f} "
         f"({'ok' if m['time_ok'] else 'MISSED'})")
+    row("  no key cache / (cp+fsync)", lambda s, m: f"{m['uncached_ratio_vs_cp_fsync']:.2f}")
     row("  stream only / (cp+fsync)", lambda s, m: f"{m['stream_ratio_vs_cp_fsync']:.2f}")
     row("  with --rules / (cp+fsync)", lambda s, m: f"{m['named_rules_ratio_vs_cp_fsync']:.2f}")
     row("convert / cp (no fsync)", lambda s, m: f"{m['ratio_vs_cp']:.2f}")
     row("peak RSS (VmHWM)", lambda s, m: f"{s['peak_rss'] / MB:.0f} MB")
     row("  ru_maxrss (wait4)", lambda s, m: f"{s['peak_rss_wait4'] / MB:.0f} MB")
     row("  highest of the runs", lambda s, m: f"{s['peak_rss_max'] / MB:.0f} MB")
+    row("  with no key cache", lambda s, m: f"{s['peak_rss_uncached'] / MB:.0f} MB")
     row("  RSS after prepare", lambda s, m: f"{s['rss_after_prepare'] / MB:.0f} MB")
     row("peak RSS / largest group", lambda s, m: f"{m['peak_rss_per_group']:.2f}")
     row("peak - baseline", lambda s, m: f"{m['peak_over_baseline'] / MB:.0f} MB")

@@ -15,7 +15,9 @@ An HF -> NeoX conversion reads them back when present, which makes NeoX -> HF ->
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -34,8 +36,9 @@ from mapper.formats import HFCheckpoint, NeoXCheckpoint, open_checkpoint
 from mapper.formats.hf_writer import HFWriter, plan_shards
 from mapper.formats.naming import layer_file_name, mp_rank_file_name, parse_neox_key
 from mapper.formats.neox_writer import NeoXWriter, plan_layer_files
-from mapper.formats.output import parts_staging_path, write_bytes_atomic
-from mapper.formats.writing import META_DIR
+from mapper.formats.output import AtomicFile, parts_staging_path, write_bytes_atomic
+from mapper.formats.safetensors_io import write_safetensors
+from mapper.formats.writing import META_DIR, WRITER_THREADS
 from mapper.hf_models import expected_tensors, transformers_available
 from mapper.spec import RuleSet, dump_rule_set, load_rules
 
@@ -64,6 +67,18 @@ class Prepared:
     sidecar: Sidecar | None = None
     detection: Detection | None = None
     notes: list[str] = field(default_factory=list)
+    hf_key_check: Future[None] | None = None  # still running when prepared with background_checks
+
+    def raise_if_check_failed(self) -> None:
+        """Raise the key check's error if it has already failed (without waiting for it)."""
+        if self.hf_key_check is not None and self.hf_key_check.done():
+            self.wait_for_checks()
+
+    def wait_for_checks(self) -> None:
+        """Wait for the transformers key check started by ``prepare(background_checks=True)``."""
+        if self.hf_key_check is not None:
+            self.hf_key_check.result()  # raises the check's error
+            self.hf_key_check = None
 
     @property
     def output_tp(self) -> int:
@@ -76,6 +91,14 @@ class Prepared:
         else:
             files = plan_layer_files(self.plan.target_manifest, self.output_tp)
         return [list(f.keys) for f in files]
+
+    def peak_memory_bytes(self, max_shard_size: int = 5 * 10**9) -> int:
+        """Most tensor bytes alive at once: the engine building one output file (simulated from
+        the plan) plus the files the writer threads may still be writing. An upper bound: bytes
+        copied file to file in the kernel (:mod:`mapper.formats.file_ranges`) never are."""
+        groups = self.output_groups(max_shard_size)
+        largest = max((sum(self.plan.targets[key].meta.nbytes for key in group) for group in groups), default=0)
+        return self.plan.peak_bytes(groups) + WRITER_THREADS * largest
 
     def record(self) -> dict[str, Any]:
         """What ``mapper.json`` says about this conversion."""
@@ -104,12 +127,24 @@ def prepare(
     tp: int | None = None,
     trim_vocab: int | None = None,
     parameters: Mapping[str, int] | None = None,
+    background_checks: bool = False,
 ) -> Prepared:
-    """Open ``src``, decide everything, and compile the plan (metadata only)."""
+    """Open ``src``, decide everything, and compile the plan (metadata only).
+
+    For NeoX -> HF the plan's output is also checked against the tensors transformers expects
+    for the target config. That check imports transformers (1-3 s, more than all the rest); with
+    ``background_checks`` it runs in a thread while the caller goes on, and
+    :func:`convert_checkpoint` waits for it before committing the output (a failed check leaves
+    nothing behind). Without, the returned plan is already checked.
+    """
     source = open_checkpoint(src)
     if isinstance(source, NeoXCheckpoint):
-        return _prepare_neox_to_hf(source, rules, config_files, trim_vocab, parameters or {})
-    return _prepare_hf_to_neox(source, rules, config_files, tp, parameters or {})
+        ready = _prepare_neox_to_hf(source, rules, config_files, trim_vocab, parameters or {})
+    else:
+        ready = _prepare_hf_to_neox(source, rules, config_files, tp, parameters or {})
+    if not background_checks:
+        ready.wait_for_checks()
+    return ready
 
 
 def convert_checkpoint(
@@ -130,18 +165,31 @@ def convert_checkpoint(
     on_group: Callable[[int, int], None] | None = None,
     prepared: Prepared | None = None,
 ) -> ConversionResult:
-    """Convert a checkpoint folder into ``out`` (complete, or not at all)."""
+    """Convert a checkpoint folder into ``out`` (complete, or not at all).
+
+    A check still running in ``prepared`` (``prepare(background_checks=True)``) overlaps the
+    streaming; the conversion stops at the first group after it fails, and never commits before
+    it passed.
+    """
     ready = prepared or prepare(
-        src, rules=rules, config_files=config_files, tp=tp, trim_vocab=trim_vocab, parameters=parameters
+        src, rules=rules, config_files=config_files, tp=tp, trim_vocab=trim_vocab, parameters=parameters,
+        background_checks=True,
     )
+
+    def group_done(index: int, nbytes: int) -> None:
+        ready.raise_if_check_failed()
+        if on_group is not None:
+            on_group(index, nbytes)
+
     writer = _writer(ready, Path(out), max_shard_size=max_shard_size, force=force, part=part, dtype=dtype)
     with writer:
         if on_start is not None:
             on_start(sum(m.nbytes for m in target_manifest(ready.plan, dtype).values()))
         report = execute(
             ready.plan, ready.source, writer, sidecar=ready.sidecar, average_replicas=average_replicas,
-            cast=dtype, part=part, on_group=on_group,
+            cast=dtype, part=part, on_group=group_done,
         )
+        ready.wait_for_checks()
         _write_extras(ready, writer.staging, report, part)
     return ConversionResult(ready, report, writer.finalize() if part is None else None)
 
@@ -224,15 +272,32 @@ def _prepare_neox_to_hf(
         arch, intermediate_size=_mlp_width(plan), vocab_size=trim_vocab or None,
     )
     hf_config["architectures"] = ["GPTNeoXForCausalLM" if arch == "gpt_neox" else "LlamaForCausalLM"]
+    key_check = None
     if transformers_available():
-        check_expected(plan, expected_tensors(hf_config))
+        key_check = _in_background(lambda: check_expected(plan, expected_tensors(hf_config)), "mapper-hf-key-check")
     else:
         notes.append("transformers is not installed: the output was not checked against the HF model's keys")
     notes.extend(_dropped_notes(plan))
     return Prepared(
         "neox-to-hf", source, chosen, chosen, model, plan.parameters, plan, hf_config,
-        raw, detection=detection, notes=notes,
+        raw, detection=detection, notes=notes, hf_key_check=key_check,
     )
+
+
+def _in_background(work: Callable[[], None], name: str) -> Future[None]:
+    """Run ``work`` in a daemon thread; its outcome (or error) is the future's."""
+    outcome: Future[None] = Future()
+
+    def run() -> None:
+        try:
+            work()
+        except BaseException as error:  # noqa: BLE001 - handed to whoever waits
+            outcome.set_exception(error)
+        else:
+            outcome.set_result(None)
+
+    threading.Thread(target=run, name=name, daemon=True).start()
+    return outcome
 
 
 def _neox_model(
@@ -468,8 +533,9 @@ def _writer(
             config["dtype"] = str(dtype).removeprefix("torch.")
         metadata = {"mapper_rules": ready.forward_rules.name, "mapper_rules_version": str(ready.forward_rules.version),
                     "mapper_version": __version__}
+        locate = ready.source.file_range if isinstance(ready.source, NeoXCheckpoint) else None
         return HFWriter(out, config=config, max_shard_size=max_shard_size, metadata=metadata, parts=part,
-                        force=force, inputs=inputs)
+                        force=force, inputs=inputs, locate=locate)
     return NeoXWriter(out, yaml_config=ready.neox_yaml, tp=ready.output_tp, parts=part, force=force, inputs=inputs)
 
 
@@ -484,9 +550,9 @@ def _write_extras(ready: Prepared, staging: Path, report: ExecutionReport, part:
         write_bytes_atomic(staging / NEOX_CONFIG_FILE, yaml.safe_dump(_plain(ready.neox_yaml), sort_keys=False).encode())
     if report.sidecar.entries or report.sidecar.dropped:
         name = SIDECAR_FILE.replace(".safetensors", f"{suffix}.safetensors")
-        tmp = staging / f".{name}.tmp"
-        report.sidecar.save(tmp)
-        tmp.replace(staging / name)
+        tensors, metadata = report.sidecar.contents()
+        with AtomicFile(staging / name) as f:
+            write_safetensors(f, tensors, metadata)
 
 
 def _plain(data: Any) -> Any:

@@ -192,7 +192,8 @@ def convert(
     """Convert a checkpoint: NeoX -> HF, or HF -> NeoX (the rule set's inverse)."""
     from mapper.checkpoints import convert_checkpoint, prepare
 
-    ready = prepare(src, rules=rules, config_files=config or [], tp=tp, trim_vocab=trim_vocab, parameters=_params(param))
+    ready = prepare(src, rules=rules, config_files=config or [], tp=tp, trim_vocab=trim_vocab, parameters=_params(param),
+                    background_checks=True)  # convert_checkpoint waits for them before committing
     _notes(ready.notes, as_json=as_json)
     if not as_json and not STATE.quiet:
         direction = "NeoX -> HF" if ready.direction == "neox-to-hf" else "HF -> NeoX"
@@ -260,9 +261,10 @@ def plan(
             _problems_table(error)
         raise
     the_plan = ready.plan
-    groups = ready.output_groups(_size(max_shard_size))
+    shard_size = _size(max_shard_size)
+    groups = ready.output_groups(shard_size)
     summary = {**the_plan.summary(), "direction": ready.direction, "parameters": the_plan.parameters,
-               "output_files": len(groups), "peak_memory_bytes": the_plan.peak_bytes(groups), "notes": ready.notes}
+               "output_files": len(groups), "peak_memory_bytes": ready.peak_memory_bytes(shard_size), "notes": ready.notes}
     if as_json:
         _print_json({**summary, "tensors": the_plan.rows()})
         return

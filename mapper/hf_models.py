@@ -2,12 +2,25 @@
 
 Compile checks a conversion's output against the key set and shapes that transformers would save
 for the target config (built on the meta device: no memory, no download), so a missing bias or a
-wrong MLP width is an error before a byte is written, not a warning from ``from_pretrained``.
-transformers is optional for converting; without it this check is skipped (and said so).
+wrong MLP width is an error before the output is committed, not a warning from
+``from_pretrained``. transformers is optional for converting; without it this check is skipped
+(and said so).
+
+Importing transformers' model code takes 2-4 s, longer than converting a 2 GB checkpoint. The key
+set is a function of the config and the installed transformers alone, so it is kept in a small
+JSON file per (config, transformers) in ``$MAPPER_CACHE_DIR`` (default
+``$XDG_CACHE_HOME/mapper`` or ``~/.cache/mapper``; set it to the empty string to turn the cache
+off). The cache key includes transformers' version and the size and modification time of the
+model files that decide the key set, so upgrading or editing transformers misses the cache.
 """
 
 from __future__ import annotations
 
+import hashlib
+import importlib.metadata
+import importlib.util
+import json
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -15,14 +28,12 @@ from typing import Any
 import torch
 
 from mapper.errors import CheckpointError, MapperError
+from mapper.formats.output import write_bytes_atomic
 
 
 def transformers_available() -> bool:
-    try:
-        import transformers  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    """Whether transformers is installed (found, not imported: importing it takes seconds)."""
+    return importlib.util.find_spec("transformers") is not None
 
 
 def config_object(config: Mapping[str, Any]) -> Any:
@@ -41,8 +52,74 @@ def config_object(config: Mapping[str, Any]) -> Any:
         raise CheckpointError(f"transformers cannot build a {model_type!r} config: {error}") from None
 
 
+CACHE_ENV = "MAPPER_CACHE_DIR"
+CACHE_FORMAT = 1
+
+
+def cache_folder() -> Path | None:
+    """Where expected key sets are kept between runs (None: caching is off)."""
+    configured = os.environ.get(CACHE_ENV)
+    if configured is not None:
+        return Path(configured).expanduser() if configured else None
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "mapper"
+
+
+def transformers_identity(model_type: str) -> dict[str, Any] | None:
+    """transformers' version and the (size, mtime) of the files that decide a model's key set,
+    found without importing transformers. None when transformers is not installed."""
+    try:
+        distribution = importlib.metadata.distribution("transformers")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    files = {}
+    for name in (
+        "modeling_utils.py",
+        "core_model_loading.py",
+        "conversion_mapping.py",
+        f"models/{model_type}/modeling_{model_type}.py",
+        f"models/{model_type}/configuration_{model_type}.py",
+    ):
+        try:
+            stat = Path(str(distribution.locate_file(f"transformers/{name}"))).stat()
+        except OSError:
+            continue
+        files[name] = [stat.st_size, stat.st_mtime_ns]
+    return {"version": distribution.version, "files": files}
+
+
 def expected_tensors(config: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
-    """Key -> shape of every tensor ``save_pretrained`` writes for this config (tied ones excluded)."""
+    """Key -> shape of every tensor ``save_pretrained`` writes for this config (tied ones
+    excluded); from the cache (see the module docstring) when transformers was asked before."""
+    folder = cache_folder()
+    identity = transformers_identity(str(config.get("model_type", "")))
+    if folder is None or identity is None:
+        return expected_tensors_from_transformers(config)
+    document = {"format": CACHE_FORMAT, "transformers": identity, "config": dict(config)}
+    digest = hashlib.sha256(json.dumps(document, sort_keys=True, default=str).encode()).hexdigest()
+    path = folder / "hf-keys" / f"{digest}.json"
+    cached = _read_cached(path)
+    if cached is not None:
+        return cached
+    found = expected_tensors_from_transformers(config)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_bytes_atomic(path, json.dumps({**document, "tensors": found}, default=str).encode())
+    except (OSError, MapperError):
+        pass  # a read-only or full cache folder only costs time
+    return found
+
+
+def _read_cached(path: Path) -> dict[str, tuple[int, ...]] | None:
+    try:
+        tensors = json.loads(path.read_text(encoding="utf-8"))["tensors"]
+        return {str(key): tuple(int(d) for d in shape) for key, shape in tensors.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None  # missing or damaged: ask transformers again
+
+
+def expected_tensors_from_transformers(config: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
+    """:func:`expected_tensors` without the cache: builds the model on the meta device."""
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):

@@ -1,10 +1,24 @@
-"""Shared test settings. Hypothesis runs the CI profile (>= 200 examples per property) by default."""
+"""Shared test settings. Hypothesis runs the CI profile (>= 200 examples per property) by default.
+
+The expected-key cache (:mod:`mapper.hf_models`) goes to a folder of this test run, not the
+user's ~/.cache, and is removed afterwards (CLI subprocesses inherit the variable).
+"""
 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 
+import pytest
 from hypothesis import HealthCheck, settings
+
+_CACHE = tempfile.mkdtemp(prefix="mapper-test-cache-")
+os.environ["MAPPER_CACHE_DIR"] = _CACHE
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    shutil.rmtree(_CACHE, ignore_errors=True)
 
 settings.register_profile(
     "ci",

@@ -22,6 +22,7 @@ from mapper.checkpoints import convert_checkpoint
 from mapper.formats.hf_writer import HFWriter
 from mapper.formats.naming import parse_neox_key
 from mapper.formats.safetensors_io import write_safetensors
+from mapper.formats.writing import WRITER_THREADS
 from mapper.tensors import TensorMeta
 from mapper.testing import synthesize_variant, write_neox_checkpoint
 
@@ -52,6 +53,7 @@ def conversions(tmp_path_factory: pytest.TempPathFactory) -> dict[int, dict[str,
         result = convert_checkpoint(src, root / f"hf-{layers}", max_shard_size=block, on_group=measure)
         report = result.report
         found[layers] = {
+            "predicted": result.prepared.peak_memory_bytes(block),
             "block": block,
             "groups": report.groups,
             "peak_live": report.peak_live_bytes,
@@ -95,6 +97,14 @@ def test_peak_live_bytes_does_not_grow_with_the_layers(conversions: dict[int, di
     assert abs(eight["peak_live"] - four["peak_live"]) <= SLACK
 
 
+def test_the_predicted_peak_covers_the_engine_and_the_writer_threads(conversions: dict[int, dict[str, int]]) -> None:
+    """What ``mapper plan`` reports: the engine's group plus the files being written."""
+    for found in conversions.values():
+        assert found["peak_live"] + WRITER_THREADS * found["largest_group"] <= found["predicted"]
+        assert found["predicted"] <= (2 + WRITER_THREADS) * found["largest_group"] + SLACK
+    assert conversions[4]["predicted"] == conversions[8]["predicted"]
+
+
 def test_the_reader_lets_go_of_each_layer_file(conversions: dict[int, dict[str, int]]) -> None:
     """Pages read from the checkpoint leave the process: about a layer at a time, none at the end.
 
@@ -131,8 +141,8 @@ def test_hf_writer_consumes_its_own_copy_of_a_group(tmp_path: Path, monkeypatch:
 
     seen: list[tuple[bool, int]] = []
 
-    def spy(f, tensors, metadata, *, stop=None, release=False):  # type: ignore[no-untyped-def]
-        write_safetensors(f, tensors, metadata, stop=stop, release=release)
+    def spy(f, tensors, metadata, *, stop=None, release=False, locate=None):  # type: ignore[no-untyped-def]
+        write_safetensors(f, tensors, metadata, stop=stop, release=release, locate=locate)
         seen.append((release, len(tensors)))
 
     monkeypatch.setattr(hf_writer, "write_safetensors", spy)

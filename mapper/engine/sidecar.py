@@ -16,7 +16,6 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from mapper.errors import CheckpointError
 from mapper.tensors import TensorMeta
@@ -47,12 +46,14 @@ class Sidecar:
     def __len__(self) -> int:
         return len(self.entries)
 
-    def save(self, path: Path) -> None:
-        tensors = {f"{entry}#{i}": t.detach().contiguous().clone() for entry, ts in self.entries.items() for i, t in enumerate(ts)}
+    def contents(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """The tensors and metadata of the sidecar's safetensors file (read back by :meth:`load`);
+        a writer in :mod:`mapper.formats` writes them, in this order, so the file is reproducible."""
+        tensors = {f"{entry}#{i}": t.detach().contiguous() for entry, ts in self.entries.items() for i, t in enumerate(ts)}
         metadata = {"format": "pt", "mapper_sidecar": "1", "rules": self.rules or "", "version": self.version or "",
                     "entries": json.dumps({e: len(ts) for e, ts in self.entries.items()}),
                     "dropped": json.dumps(sorted(self.dropped) if self.dropped is not None else None)}
-        save_file(tensors, str(path), metadata=metadata)
+        return tensors, metadata
 
     @classmethod
     def load(cls, path: Path) -> Sidecar:

@@ -11,13 +11,14 @@ Shards are filled in natural key order (``layers.2`` before ``layers.10``) up to
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from mapper.errors import ConversionError
+from mapper.formats.file_ranges import FileRange
 from mapper.formats.naming import natural_sorted
 from mapper.formats.output import AtomicFile
 from mapper.formats.safetensors_io import data_order, file_size, write_safetensors
@@ -55,7 +56,9 @@ class HFWriter(StagedWriter):
 
     ``inputs`` are the folders being converted (the output may not be inside one of them);
     ``force`` replaces an existing output folder once the new one is complete; ``parts`` and
-    :meth:`finalize_parts` split the work across machines (:mod:`mapper.formats.writing`).
+    :meth:`finalize_parts` split the work across machines (:mod:`mapper.formats.writing`);
+    ``locate`` (a reader's ``file_range``) lets tensors that are plain byte ranges of an input
+    file be copied file to file in the kernel (:mod:`mapper.formats.file_ranges`).
     """
 
     kind = "hf"
@@ -72,6 +75,7 @@ class HFWriter(StagedWriter):
         force: bool = False,
         inputs: Iterable[str | Path] = (),
         background: bool = True,
+        locate: Callable[[torch.Tensor], FileRange | None] | None = None,
     ):
         if max_shard_size < 1:
             raise ConversionError(f"max_shard_size={max_shard_size} must be positive", hint="e.g. 5 * 10**9")
@@ -83,6 +87,7 @@ class HFWriter(StagedWriter):
             )
         self.config = dict(config) if config is not None else None
         self.max_shard_size = max_shard_size
+        self.locate = locate
         self.metadata = {"format": "pt", **(metadata or {})}
         super().__init__(out_dir, parts=parts, force=force, inputs=inputs, background=background)
 
@@ -103,8 +108,8 @@ class HFWriter(StagedWriter):
         # the group's memory is freed tensor by tensor; the layout does not depend on dict order.
         owned = isinstance(tensors, dict) and tensors.keys() == set(planned.keys)
         selected = tensors if owned else {k: tensors[k] for k in planned.keys}
-        with AtomicFile(folder / planned.name, needed=needed, total=self._total_bytes()) as f:
-            write_safetensors(f, selected, self.metadata, stop=stop, release=owned)
+        with AtomicFile(folder / planned.name, needed=needed, total=self._total_bytes(), sync=False) as f:
+            write_safetensors(f, selected, self.metadata, stop=stop, release=owned, locate=self.locate)
 
     @classmethod
     def _write_extras(cls, folder: Path, plan: Sequence[PlannedFile], options: Mapping[str, Any]) -> None:

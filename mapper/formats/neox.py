@@ -24,6 +24,8 @@ checkpoint). Small tensors (norms, biases, ``_extra_state``: at most :data:`SMAL
 does not keep its whole file's map alive; and when only such small tensors of a file are still
 to be asked for (typically those a conversion drops at its very end), they are copied out and the
 map is let go of all the same. A later ``get`` of a released tensor simply loads its file again.
+A tensor handed out as a view of its file's map also has a :meth:`~NeoXCheckpoint.file_range`, so a
+writer can copy its bytes file to file in the kernel (:mod:`mapper.formats.file_ranges`).
 Legacy non-zip files cannot be memory-mapped: they are read whole, and only the most recently
 used one is kept, so memory stays bounded by the largest file.
 
@@ -47,6 +49,7 @@ import torch
 
 from mapper.errors import CheckpointError
 from mapper.formats import safe_pickle
+from mapper.formats.file_ranges import FileRange, FileRanges, storage_records, verified_base
 from mapper.formats.naming import (
     LAYER_FILE,
     MP_RANK_FILE,
@@ -175,6 +178,9 @@ class NeoXCheckpoint:
         self._pending_bytes: dict[Path, int] = {}
         self._file_bytes: dict[Path, int] = {}
         self._copied: set[Path] = set()  # cached dicts holding only copies of the pending tensors
+        # per memory-mapped file: the map's address and the storage records (file_ranges)
+        self._maps: dict[Path, tuple[int, list[tuple[int, int]]]] = {}
+        self._ranges = FileRanges()
         self._index: dict[str, _Located] | None = None
         self._manifest: dict[str, TensorMeta] | None = None
         self.layer_files, self.mp_rank_files = self._scan()
@@ -303,6 +309,11 @@ class NeoXCheckpoint:
             self._copied.discard(file)
             if safe_pickle.is_zip_file(file):
                 self._cache[file] = tensors
+                self._maps.pop(file, None)
+                records = storage_records(file)
+                base = verified_base(file, records, tensors.values())
+                if base is not None:
+                    self._maps[file] = (base, records)
             else:
                 self._legacy = (file, tensors)
             return tensors
@@ -385,8 +396,15 @@ class NeoXCheckpoint:
             tensor = tensor.clone()  # see the module docstring
         elif mapped:
             will_need(tensor)  # read ahead now, not when the writer thread touches it
+            if located.file in self._maps:
+                self._ranges.add(tensor, located.file, *self._maps[located.file])
         self._handed_out(located.file, located.inner, tensor.nbytes)
         return tensor
+
+    def file_range(self, tensor: object) -> FileRange | None:
+        """Where ``tensor``'s bytes lie in its file, if it is a view handed out by :meth:`get`
+        (a writer may then copy them file to file, :mod:`mapper.formats.file_ranges`)."""
+        return self._ranges.find(tensor)
 
     def _small(self, nbytes: int, file: Path) -> bool:
         return nbytes <= min(SMALL, self._file_bytes.get(file, 0) // 16)
@@ -402,6 +420,7 @@ class NeoXCheckpoint:
             if not pending:
                 del self._pending[file]
                 self._cache.pop(file, None)
+                self._maps.pop(file, None)
                 self._copied.discard(file)
                 if self._legacy is not None and self._legacy[0] == file:
                     self._legacy = None
@@ -420,6 +439,7 @@ class NeoXCheckpoint:
             self._pending.clear()
             self._pending_bytes.clear()
             self._copied.clear()
+            self._maps.clear()
 
     def __enter__(self) -> NeoXCheckpoint:
         return self

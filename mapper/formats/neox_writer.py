@@ -179,7 +179,7 @@ class NeoXWriter(StagedWriter):
         state = {parse_neox_key(key).key: own_storage(tensors[key]) for key in planned.keys}
         path = folder / planned.name
         path.parent.mkdir(parents=True, exist_ok=True)
-        with AtomicFile(path, needed=planned.nbytes, total=self._total_bytes()) as f:
+        with AtomicFile(path, needed=planned.nbytes, total=self._total_bytes(), sync=False) as f:
             save(state, f)
 
     @classmethod

@@ -18,14 +18,17 @@ so every machine of a job array finds it); see :mod:`mapper.formats.writing`.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
+import queue
 import re
 import secrets
 import shutil
 import socket
+import threading
 import weakref
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -188,16 +191,36 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def write_error(
+    path: Path, exc: OSError, *, written: int, needed: int | None = None, total: int | None = None
+) -> ConversionError:
+    """The error for a failed write (or fsync) of ``path``: a full disk says how many bytes."""
+    if exc.errno in _DISK_FULL:
+        return disk_full_error(path, written=written, needed=needed, total=total)
+    out, name = visible_path(path)
+    return ConversionError(
+        f"cannot write {name}: {exc}",
+        where=out,
+        hint="check the output filesystem (space, permissions, quota, mount)",
+    )
+
+
 class AtomicFile:
     """A binary file written under a temporary name and renamed into place by :meth:`commit`.
+
+    The file is fsynced before the rename unless ``sync=False``: inside a staging folder, which
+    only becomes visible once every file in it is durable, a :class:`Flusher` does it instead.
 
     ``write`` takes any bytes-like object and hands it to ``write(2)`` without copying it
     (``torch.save`` can write into this object too). ``needed``/``total`` only feed the message
     of a disk-full error.
     """
 
-    def __init__(self, path: Path, *, needed: int | None = None, total: int | None = None):
+    def __init__(
+        self, path: Path, *, needed: int | None = None, total: int | None = None, sync: bool = True
+    ):
         self.path = path
+        self.sync = sync  # False: the caller makes the file durable later (see Flusher)
         self.tmp = path.with_name(f".{path.name}.tmp-{HOST}-{os.getpid()}-{secrets.token_hex(4)}")
         self.needed = needed
         self.total = total
@@ -213,27 +236,44 @@ class AtomicFile:
             view = view.cast("B")
         total = len(view)
         offset = 0
-        try:
+        with self._reporting():
             while offset < total:
-                offset += os.write(self._fd, view[offset : offset + CHUNK])
+                count = os.write(self._fd, view[offset : offset + CHUNK])
+                offset += count
+                self.written += count
+        return total
+
+    def copy_range(self, path: Path, offset: int, nbytes: int) -> int:
+        """Append ``nbytes`` bytes of file ``path`` from ``offset``, copied inside the kernel.
+
+        ``copy_file_range(2)`` (what ``cp`` uses), else ``sendfile(2)``, else plain reads: the
+        bytes never pass through this process when the first two work.
+        """
+        if self._fd is None:
+            raise ValueError(f"{self.path} is closed")
+        end = offset + nbytes
+        with open(path, "rb", buffering=0) as source, self._reporting():
+            for count in _kernel_copies(source.fileno(), self._fd, offset, nbytes):
+                offset += count
+                self.written += count
+            while offset < end:  # what the kernel could not copy (another filesystem, an old kernel)
+                chunk = os.pread(source.fileno(), min(CHUNK, end - offset), offset)
+                if not chunk:
+                    raise OSError(errno.EIO, f"{path} ended {end - offset} bytes early")
+                offset += self.write(chunk)
+        return nbytes
+
+    @contextlib.contextmanager
+    def _reporting(self) -> Iterator[None]:
+        """A failed write becomes a ConversionError (kept for :meth:`raise_failure`)."""
+        try:
+            yield
         except OSError as exc:
-            self.written += offset
-            if exc.errno in _DISK_FULL:
-                error = disk_full_error(self.path, written=self.written, needed=self.needed, total=self.total)
-            else:
-                out, name = visible_path(self.path)
-                error = ConversionError(
-                    f"cannot write {name}: {exc}",
-                    where=out,
-                    hint="check the output filesystem (permissions, quota, mount)",
-                )
-            self.failure = error
-            raise error from exc
+            self.failure = write_error(self.path, exc, written=self.written, needed=self.needed, total=self.total)
+            raise self.failure from exc
         except BaseException as exc:
             self.failure = exc
             raise
-        self.written += total
-        return total
 
     def raise_failure(self) -> None:
         """Re-raise the error of a failed :meth:`write`, which a caller such as ``torch.save``
@@ -249,7 +289,8 @@ class AtomicFile:
         if fd is None:
             raise ValueError(f"{self.path} is closed")
         try:
-            os.fsync(fd)
+            if self.sync:
+                os.fsync(fd)
         finally:
             os.close(fd)
         os.replace(self.tmp, self.path)
@@ -273,6 +314,105 @@ class AtomicFile:
             self.commit()
         else:
             self.discard()
+
+
+class Flusher:
+    """Makes written files durable (``fsync``) in a background thread.
+
+    Why: an fsync waits for the disk. Done by the writer thread after every file, it stops the
+    writer while the kernel writes that file back; here the next file is written meanwhile, as
+    ``cp`` goes on while the kernel writes back what it copied. :meth:`wait` returns once every
+    file given to :meth:`add` is on disk, and raises the first failure (a full disk can surface
+    only at fsync, with delayed allocation) as a :class:`ConversionError` naming the file.
+    """
+
+    def __init__(self, name: str = "mapper-fsync"):
+        self._name = name
+        self._queue: queue.Queue[Path | None] = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._starting = threading.Lock()  # add() may be called from several writer threads
+        self._error: ConversionError | None = None
+
+    def add(self, path: Path) -> None:
+        self.raise_error()
+        with self._starting:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
+                self._thread.start()
+        self._queue.put(path)
+
+    def raise_error(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def wait(self) -> None:
+        """Block until every added file is durable; raise the first failure."""
+        self._queue.join()
+        self.raise_error()
+
+    def close(self) -> None:
+        """Let the thread end (after what is queued); does not raise."""
+        with self._starting:
+            if self._thread is not None:
+                self._queue.put(None)
+                self._thread = None
+
+    def _run(self) -> None:
+        while True:
+            path = self._queue.get()
+            try:
+                if path is None:
+                    return
+                if self._error is None:
+                    self._fsync(path)
+            finally:
+                self._queue.task_done()
+
+    def _fsync(self, path: Path) -> None:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            self._error = write_error(path, exc, written=path.stat().st_size if path.exists() else 0)
+
+
+_NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EBADF, errno.EPERM}
+
+
+def _kernel_copies(source: int, target: int, offset: int, nbytes: int) -> Iterator[int]:
+    """Copy bytes ``offset..offset+nbytes`` of ``source`` to ``target`` (at its position) in the
+    kernel, yielding each count copied; stops early where the kernel cannot (the caller copies
+    the rest). Other errors (a full disk) are raised."""
+    done = 0
+    for copy in (_copy_file_range, _sendfile):
+        try:
+            while done < nbytes:
+                copied = copy(source, target, offset + done, min(CHUNK, nbytes - done))
+                if copied == 0:
+                    break
+                done += copied
+                yield copied
+        except OSError as exc:
+            if exc.errno not in _NO_KERNEL_COPY or done:
+                raise
+            continue
+        if done:
+            return
+
+
+def _copy_file_range(source: int, target: int, offset: int, count: int) -> int:
+    if not hasattr(os, "copy_file_range"):
+        raise OSError(errno.ENOSYS, "no copy_file_range")
+    return os.copy_file_range(source, target, count, offset)
+
+
+def _sendfile(source: int, target: int, offset: int, count: int) -> int:
+    if not hasattr(os, "sendfile"):
+        raise OSError(errno.ENOSYS, "no sendfile")
+    return os.sendfile(target, source, offset, count)
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:

@@ -17,7 +17,7 @@ import mmap
 import struct
 import sys
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from mapper.errors import CheckpointError, ConversionError
+from mapper.formats.file_ranges import FileRange
 from mapper.formats.naming import natural_key
 from mapper.formats.output import Cancelled
 from mapper.tensors import LazyConcat, TensorMeta
@@ -241,12 +242,15 @@ def write_safetensors(
     *,
     stop: threading.Event | None = None,
     release: bool = False,
+    locate: Callable[[torch.Tensor], FileRange | None] | None = None,
 ) -> None:
     """Stream ``tensors`` into the writable ``f`` (anything with ``write(bytes-like)``).
 
     ``stop`` lets another thread cancel between tensors (a KeyboardInterrupt, another error).
     ``release=True`` removes each tensor from ``tensors`` (then a dict the caller owns) once it
     is written: when nothing else refers to it, its memory is freed before the next one is written.
+    ``locate`` says which tensors are byte ranges of a file (a reader's ``file_range``): those are
+    appended with ``f.copy_range`` (:class:`~mapper.formats.output.AtomicFile`), file to file.
     """
     if sys.byteorder != "little":
         raise ConversionError(
@@ -261,6 +265,10 @@ def write_safetensors(
         value = tensors[key]
         written = 0
         for piece in value.chunks() if isinstance(value, LazyConcat) else (value,):
+            where = locate(piece) if locate is not None else None
+            if where is not None:
+                written += f.copy_range(where.path, where.offset, where.nbytes)
+                continue
             view = tensor_bytes(piece)
             f.write(view)
             written += len(view)

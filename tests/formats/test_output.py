@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import gc
 import os
+import threading
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -180,3 +181,59 @@ def test_an_atomic_file_is_complete_or_absent(tmp_path: Path) -> None:
         f.write(memoryview(b"whole"))
         f.write(torch.arange(3, dtype=torch.int16).numpy())
     assert path.read_bytes() == b"whole" + bytes([0, 0, 1, 0, 2, 0])
+
+
+def test_the_background_writer_writes_two_files_at_once_and_no_more() -> None:
+    """Two threads: one file's copy overlaps the other's wait for the disk; the caller is held
+    back while both are busy, so at most three groups are alive."""
+    from mapper.formats.writing import BackgroundWriter
+
+    class Files:
+        def __init__(self) -> None:
+            self.release = threading.Event()
+            self.running: set[int] = set()
+            self.most = 0
+            self.done: list[int] = []
+            self.lock = threading.Lock()
+
+        def write(self, index: int, tensors: Mapping[str, torch.Tensor]) -> None:
+            with self.lock:
+                self.running.add(index)
+                self.most = max(self.most, len(self.running))
+            assert self.release.wait(timeout=10)
+            with self.lock:
+                self.running.discard(index)
+                self.done.append(index)
+
+    files = Files()
+    worker = BackgroundWriter(files.write, name="test-writer", workers=2)
+    worker.submit(0, {})
+    worker.submit(1, {})
+    third = threading.Thread(target=worker.submit, args=(2, {}))
+    third.start()
+    time.sleep(0.2)
+    assert third.is_alive()  # held back: both threads are busy
+    assert files.running == {0, 1}
+    files.release.set()
+    third.join(timeout=10)
+    worker.close()
+    assert sorted(files.done) == [0, 1, 2] and files.most == 2
+
+
+def test_the_first_error_of_either_writer_thread_is_raised() -> None:
+    from mapper.formats.writing import BackgroundWriter
+
+    class Files:
+        def write(self, index: int, tensors: Mapping[str, torch.Tensor]) -> None:
+            if index == 1:
+                raise ConversionError("cannot write file 1")
+
+    files = Files()
+    worker = BackgroundWriter(files.write, name="test-writer", workers=2)
+    worker.submit(0, {})
+    worker.submit(1, {})
+    with pytest.raises(ConversionError, match="cannot write file 1"):
+        for index in range(2, 10):  # a later submit, or close, raises it
+            worker.submit(index, {})
+        worker.close()
+    worker.cancel()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from _reliability import (
     assert_nothing_left,
     assert_refusal,
     assert_refused,
+    copy_rules,
     edit_safetensors,
     leftovers,
     load_safetensors,
@@ -30,7 +32,9 @@ from _reliability import (
     tag_folder,
 )
 
-from mapper.errors import ConversionError, MapperError
+import mapper.checkpoints
+from mapper.checkpoints import convert_checkpoint, prepare
+from mapper.errors import CompileError, ConversionError, MapperError
 from mapper.formats.output import StagingFolder
 
 
@@ -54,6 +58,68 @@ def test_a_cast_to_float16_that_overflows_is_refused_and_bfloat16_works(tmp_path
 @pytest.mark.parametrize(("dtype", "says"), [("int8", "floating-point"), ("float17", "unknown dtype 'float17'")])
 def test_a_dtype_that_is_no_float_is_refused(neox: Path, out: Path, dtype: str, says: str) -> None:
     assert_refusal(["convert", neox, out, "--dtype", dtype], MapperError, names=[dtype], says=[says])
+    assert_nothing_left(out)
+
+
+# --- what transformers expects ------------------------------------------------------------------
+def _misnamed_final_norm(tmp_path: Path) -> Path:
+    """A rule set that compiles but names the final norm as no HF GPT-NeoX model does."""
+    rules = copy_rules(tmp_path)
+    for fragment in (rules / "fragments" / "gpt-neox").glob("*.yaml"):
+        fragment.write_text(fragment.read_text().replace("gpt_neox.final_layer_norm.", "gpt_neox.final_norm."))
+    return rules / "neox-to-hf-gpt-neox.yaml"
+
+
+def test_an_output_transformers_would_not_load_is_refused_and_nothing_is_left(
+    tmp_path: Path, neox: Path, out: Path
+) -> None:
+    rules = _misnamed_final_norm(tmp_path)
+    assert_refusal(
+        ["convert", neox, out, "--rules", rules], CompileError,
+        names=["gpt_neox.final_norm.weight", "gpt_neox.final_layer_norm.weight"],
+        says=["produced but not expected in the target", "expected in the target but no rule produces it"],
+    )
+    assert_nothing_left(out, tmp_path)
+    with pytest.raises(CompileError, match="final_norm"):  # the library: prepare() waits for the check
+        prepare(neox, rules=rules)
+
+
+def test_a_key_check_that_fails_while_streaming_stops_the_conversion_at_the_next_group(
+    neox: Path, out: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The transformers key check runs beside the streaming (importing transformers takes
+    seconds); once it has failed, the next group raises its error and nothing is committed."""
+    monkeypatch.setattr(mapper.checkpoints, "expected_tensors", lambda config: {"only.this": (1,)})
+    ready = prepare(neox, background_checks=True)
+    assert ready.hf_key_check is not None and isinstance(ready.hf_key_check.exception(timeout=60), CompileError)
+    groups: list[int] = []
+    with pytest.raises(CompileError, match="only.this"):
+        convert_checkpoint(neox, out, prepared=ready, on_group=lambda index, nbytes: groups.append(index))
+    assert groups == []
+    assert_nothing_left(out)
+
+
+def test_a_key_check_that_fails_after_the_last_group_still_commits_nothing(
+    neox: Path, out: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    streamed = threading.Event()
+
+    def slow_expected(config: object) -> dict[str, tuple[int, ...]]:
+        assert streamed.wait(timeout=60)
+        return {"only.this": (1,)}
+
+    monkeypatch.setattr(mapper.checkpoints, "expected_tensors", slow_expected)
+    ready = prepare(neox, background_checks=True)
+    original = mapper.checkpoints.execute
+
+    def execute_then_release(*args: object, **kwargs: object) -> object:
+        report = original(*args, **kwargs)
+        streamed.set()
+        return report
+
+    monkeypatch.setattr(mapper.checkpoints, "execute", execute_then_release)
+    with pytest.raises(CompileError, match="only.this"):
+        convert_checkpoint(neox, out, prepared=ready)
     assert_nothing_left(out)
 
 
@@ -124,25 +190,40 @@ DiskFiller = Callable[[int], None]
 
 @pytest.fixture
 def full_disk(monkeypatch: pytest.MonkeyPatch) -> DiskFiller:
-    """``full_disk(n)``: writes into a staging folder fail with ENOSPC once ``n`` bytes are in."""
-    real_write = os.write
+    """``full_disk(n)``: writes into a staging folder fail with ENOSPC once ``n`` bytes are in,
+    whether written from memory (``write``) or copied file to file (``copy_file_range``,
+    ``sendfile``)."""
+    real_write, real_copy, real_sendfile = os.write, os.copy_file_range, os.sendfile
 
     def install(capacity: int) -> None:
         written = 0
 
-        def write(fd: int, data: bytes) -> int:
+        def take(fd: int, nbytes: int) -> None:
             nonlocal written
             try:
                 target = os.readlink(f"/proc/self/fd/{fd}")
             except OSError:
                 target = ""
             if ".mapper-staging-" in target:
-                if written + len(data) > capacity:
+                if written + nbytes > capacity:
                     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-                written += len(data)
+                written += nbytes
+
+        def write(fd: int, data: bytes) -> int:
+            take(fd, len(memoryview(data).cast("B")))
             return real_write(fd, data)
 
+        def copy_file_range(src: int, dst: int, count: int, *offsets: int | None) -> int:
+            take(dst, count)
+            return real_copy(src, dst, count, *offsets)
+
+        def sendfile(out_fd: int, in_fd: int, offset: int | None, count: int) -> int:
+            take(out_fd, count)
+            return real_sendfile(out_fd, in_fd, offset, count)
+
         monkeypatch.setattr(os, "write", write)
+        monkeypatch.setattr(os, "copy_file_range", copy_file_range)
+        monkeypatch.setattr(os, "sendfile", sendfile)
 
     return install
 
@@ -173,6 +254,27 @@ def test_a_full_disk_during_a_forced_conversion_keeps_the_old_output(
     assert_refusal(["convert", neox, out, "--force"], ConversionError, says=["the disk is full"])
     assert snapshot(out) == {"notes.txt": b"my earlier conversion"}
     assert leftovers(out) == [out]
+
+
+@pytest.mark.parametrize("failure", [errno.ENOSPC, errno.EIO])
+def test_a_disk_that_fails_only_when_the_data_is_flushed_is_reported_and_nothing_is_left(
+    neox: Path, out: Path, monkeypatch: pytest.MonkeyPatch, failure: int
+) -> None:
+    """With delayed allocation a full disk (or a failing one) may show only at fsync, which runs
+    in the background while the next file is written."""
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        if "model-00002" in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(failure, os.strerror(failure))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    says = ["the disk is full"] if failure == errno.ENOSPC else ["cannot write model-00002", "Input/output error"]
+    assert_refusal(
+        ["convert", neox, out, "--max-shard-size", "150KB"], ConversionError, names=[f"{out}: "], says=says,
+    )
+    assert_nothing_left(out, out.parent)
 
 
 # --- options --------------------------------------------------------------------------------

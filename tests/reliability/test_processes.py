@@ -129,10 +129,10 @@ def test_a_conversion_killed_mid_write_leaves_no_partial_output_and_a_rerun_comp
     process = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         _wait_for(stalled, process)
-        partial = Path(stalled.read_text())  # shards 1-2 done, shard 3 half-written
+        partial = Path(stalled.read_text())  # the third shard begun is half-written
         staging = partial.parent
-        assert partial.is_file() and partial.name.startswith(".model-00003-of-")
-        assert len(list(staging.glob("model-0000[12]-of-*.safetensors"))) == 2
+        assert partial.is_file() and partial.name.startswith(".model-0000")
+        assert list(staging.glob("model-0000[12]-of-*.safetensors"))  # (two writer threads: 1 or 2 done)
         assert not out.exists()
         os.kill(process.pid, signal.SIGKILL)
         assert process.wait(timeout=30) == -signal.SIGKILL

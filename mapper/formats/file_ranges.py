@@ -1,0 +1,138 @@
+"""Where a memory-mapped tensor's bytes lie in its checkpoint file, so writers copy them in the kernel.
+
+Most bytes of a NeoX -> HF conversion are copied unchanged: a renamed tensor, or one part of a
+tensor-parallel merge along dim 0. Copying them through Python (``write(2)`` from the memory
+map) costs a page fault per touched page and a copy through user space; ``copy_file_range(2)``
+moves the same bytes file to file inside the kernel, as ``cp`` does. On the benchmark machine a
+warm 3.6 GB copy took 1.3 s with ``sendfile`` against 3.3-9.9 s with ``write`` from a memory map.
+
+``torch.load(mmap=True)`` maps the whole ``.pt`` zip file once and makes every storage a slice of
+that map at its record's offset (records are stored uncompressed). So a handed-out tensor's offset
+in its file is its address minus the map's base address. The base is not exposed by torch; it is
+found here from the zip directory: the address ``B`` for which the loaded storages start at ``B``
+plus a record's data offset, confirmed by comparing a few storages' first bytes with the file
+(if no single ``B`` fits best, or the bytes differ, the file gets no ranges and its tensors are
+written the ordinary way).
+
+:class:`FileRanges` remembers the range of each tensor a reader hands out, by identity (the entry
+goes when the tensor does), so a tensor made by an op (a transpose, a cast, a slice...) is never
+mistaken for file bytes: only the very tensor object handed out, still at the same address, is.
+"""
+
+from __future__ import annotations
+
+import bisect
+import struct
+import weakref
+import zipfile
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+LOCAL_HEADER = struct.Struct("<4sHHHHHIIIHH")  # a zip local file header (30 bytes)
+LOCAL_HEADER_MAGIC = b"PK\x03\x04"
+SAMPLES, SAMPLE_BYTES = 3, 64  # storages compared with the file to confirm a base address
+
+
+@dataclass(frozen=True)
+class FileRange:
+    """``nbytes`` bytes of ``path`` starting at ``offset``: exactly a tensor's raw bytes."""
+
+    path: Path
+    offset: int
+    nbytes: int
+
+
+def storage_records(path: Path) -> list[tuple[int, int]]:
+    """(data offset, size) of every storage record (``<archive>/data/<key>``, stored
+    uncompressed) of the ``torch.save`` zip file ``path``, sorted by offset."""
+    records = []
+    with open(path, "rb") as f, zipfile.ZipFile(f) as archive:
+        for info in archive.infolist():
+            parent, _, key = info.filename.rpartition("/")
+            if not (parent.endswith("data") and key.isdigit()):
+                continue
+            if info.compress_type != zipfile.ZIP_STORED or info.file_size == 0:
+                continue
+            f.seek(info.header_offset)
+            header = f.read(LOCAL_HEADER.size)
+            if len(header) != LOCAL_HEADER.size:
+                continue
+            fields = LOCAL_HEADER.unpack(header)
+            if fields[0] != LOCAL_HEADER_MAGIC:
+                continue
+            name_length, extra_length = fields[9], fields[10]
+            records.append((info.header_offset + LOCAL_HEADER.size + name_length + extra_length, info.file_size))
+    return sorted(records)
+
+
+def mapping_base(records: list[tuple[int, int]], tensors: Iterable[torch.Tensor]) -> int | None:
+    """The address at which the file was mapped, from tensors loaded out of it.
+
+    The candidate ``B`` that puts the most storages (of non-zero size) exactly at ``B`` + a
+    record's offset; storages made elsewhere (a copy, an ``_extra_state`` read from a BytesIO)
+    fit no record. None when there is no storage to go by, or two candidates fit as well.
+    """
+    offsets = {offset for offset, _ in records}
+    addresses = {t.untyped_storage().data_ptr() for t in tensors if t.untyped_storage().nbytes() > 0}
+    votes = Counter(address - offset for address in addresses for offset in offsets if address >= offset)
+    ranked = votes.most_common(2)
+    if not ranked or (len(ranked) == 2 and ranked[0][1] == ranked[1][1]):
+        return None
+    return ranked[0][0]
+
+
+def verified_base(path: Path, records: list[tuple[int, int]], tensors: Iterable[torch.Tensor]) -> int | None:
+    """:func:`mapping_base`, confirmed by comparing the first bytes of a few storages in memory
+    with the file's bytes at the offsets it implies (a wrong base would copy the wrong bytes)."""
+    tensors = list(tensors)
+    base = mapping_base(records, tensors)
+    if base is None:
+        return None
+    offsets = {offset for offset, _ in records}
+    storages = [t.untyped_storage() for t in tensors]
+    samples = [s for s in storages if s.nbytes() > 0 and s.data_ptr() - base in offsets][:SAMPLES]
+    with open(path, "rb") as f:
+        for storage in samples:
+            count = min(SAMPLE_BYTES, storage.nbytes())
+            f.seek(storage.data_ptr() - base)
+            in_memory = torch.empty(0, dtype=torch.uint8).set_(storage, 0, (count,)).numpy().tobytes()
+            if f.read(count) != in_memory:
+                return None
+    return base if samples else None
+
+
+class FileRanges:
+    """The file range of each tensor handed out from a memory-mapped file (see the module doc)."""
+
+    def __init__(self) -> None:
+        self._by_id: dict[int, tuple[weakref.ref[torch.Tensor], int, FileRange]] = {}
+
+    def add(self, tensor: torch.Tensor, path: Path, base: int, records: list[tuple[int, int]]) -> None:
+        """Remember ``tensor`` as bytes of ``path`` mapped at ``base``, if it is a plain range of
+        one record."""
+        if tensor.device.type != "cpu" or not tensor.is_contiguous() or tensor.nbytes == 0:
+            return
+        offset = tensor.data_ptr() - base
+        index = bisect.bisect_right(records, (offset, float("inf"))) - 1
+        if index < 0:
+            return
+        start, size = records[index]
+        if not (start <= offset and offset + tensor.nbytes <= start + size):
+            return
+        key = id(tensor)
+        self._by_id[key] = (weakref.ref(tensor), tensor.data_ptr(), FileRange(path, offset, tensor.nbytes))
+        weakref.finalize(tensor, self._by_id.pop, key, None)
+
+    def find(self, tensor: object) -> FileRange | None:
+        """The range of ``tensor`` if it is one that was added (the same object, unchanged)."""
+        entry = self._by_id.get(id(tensor))
+        if entry is None or entry[0]() is not tensor:
+            return None
+        assert isinstance(tensor, torch.Tensor)
+        _, address, found = entry
+        unchanged = tensor.data_ptr() == address and tensor.nbytes == found.nbytes and tensor.is_contiguous()
+        return found if unchanged else None

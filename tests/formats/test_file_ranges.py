@@ -1,0 +1,212 @@
+"""Copying tensors file to file: where a memory-mapped tensor's bytes lie, and the kernel copy.
+
+A tensor handed out by the NeoX reader is a view of its file's memory map; its bytes are a
+range of the file, which the HF writer copies with ``copy_file_range`` (or ``sendfile``, or
+plain reads where neither works) instead of through Python. Checked: the range found is exactly
+the tensor's bytes; only the very tensor handed out has one (a view, a copy, a cast never); the
+copy is the same bytes whichever way the kernel allows; a conversion writes the same files
+either way.
+"""
+
+from __future__ import annotations
+
+import errno
+import gc
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from mapper.checkpoints import convert_checkpoint
+from mapper.errors import ConversionError
+from mapper.formats import NeoXCheckpoint
+from mapper.formats.neox import SMALL
+from mapper.formats.file_ranges import FileRanges, mapping_base, storage_records, verified_base
+from mapper.formats.output import AtomicFile
+from mapper.testing import synthesize_variant, write_neox_checkpoint
+
+
+def _raw(tensor: torch.Tensor) -> bytes:
+    return tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+@pytest.fixture
+def saved(tmp_path: Path) -> tuple[Path, dict[str, torch.Tensor]]:
+    """A torch.save zip file mixing dtypes, an empty tensor, views sharing one storage and a
+    tensor that is not a storage's start."""
+    gen = torch.Generator().manual_seed(0)
+    whole = torch.randn(64, 32, generator=gen)
+    state = {
+        "a": torch.randn(128, 64, generator=gen).to(torch.bfloat16),
+        "b": torch.randint(0, 255, (1000,), dtype=torch.uint8, generator=gen),
+        "empty": torch.empty(0, dtype=torch.uint8),
+        "top": whole[:32],
+        "bottom": whole[32:],
+        "c": torch.randn(7, generator=gen, dtype=torch.float64),
+    }
+    path = tmp_path / "state.pt"
+    torch.save(state, path)
+    return path, state
+
+
+@dataclass
+class Mapped:
+    """``saved`` loaded the way the NeoX reader loads it, with its map's base address found."""
+
+    path: Path
+    tensors: dict[str, torch.Tensor]
+    records: list[tuple[int, int]]
+    base: int
+
+
+@pytest.fixture
+def mapped(saved: tuple[Path, dict[str, torch.Tensor]]) -> Mapped:
+    path, _ = saved
+    loaded = torch.load(path, mmap=True, weights_only=True, map_location="cpu")
+    records = storage_records(path)
+    base = mapping_base(records, loaded.values())
+    assert base is not None
+    return Mapped(path, loaded, records, base)
+
+
+def test_every_mapped_tensor_is_found_at_its_bytes_in_the_file(
+    saved: tuple[Path, dict[str, torch.Tensor]], mapped: Mapped
+) -> None:
+    path, state = saved
+    loaded, records, base = mapped.tensors, mapped.records, mapped.base
+    ranges = FileRanges()
+    raw = path.read_bytes()
+    for key, tensor in loaded.items():
+        ranges.add(tensor, path, base, records)
+        found = ranges.find(tensor)
+        if tensor.nbytes == 0:
+            assert found is None
+            continue
+        assert found is not None, key
+        assert raw[found.offset : found.offset + found.nbytes] == _raw(state[key]), key
+
+
+def test_only_the_tensor_handed_out_has_a_range(mapped: Mapped) -> None:
+    ranges = FileRanges()
+    a = mapped.tensors["a"]
+    ranges.add(a, mapped.path, mapped.base, mapped.records)
+    assert ranges.find(a) is not None
+    for other in (a.t(), a[1:], a.clone(), a.float(), a.view(-1), torch.zeros_like(a)):
+        assert ranges.find(other) is None
+    ranges.add(a.t(), mapped.path, mapped.base, mapped.records)  # not contiguous: never a plain byte range
+    assert len(ranges._by_id) == 1
+
+
+def test_a_range_is_forgotten_with_its_tensor(mapped: Mapped) -> None:
+    ranges = FileRanges()
+    ranges.add(mapped.tensors.pop("a"), mapped.path, mapped.base, mapped.records)
+    gc.collect()
+    assert ranges._by_id == {}
+
+
+def test_storages_made_elsewhere_do_not_fool_the_base(mapped: Mapped) -> None:
+    records, true_base, loaded = mapped.records, mapped.base, mapped.tensors
+    heap = [torch.arange(100, dtype=torch.uint8), torch.ones(5)]  # e.g. _extra_state read from a BytesIO
+    assert mapping_base(records, [*loaded.values(), *heap]) == true_base
+    assert mapping_base(records, heap[:1]) is None  # it would fit any record equally well
+    assert mapping_base(records, heap) is None
+    assert mapping_base(records, []) is None
+
+
+def test_a_base_is_confirmed_against_the_file_bytes(tmp_path: Path, mapped: Mapped) -> None:
+    """A file with the same layout but other tensor bytes is not taken for this map."""
+    data = bytearray(mapped.path.read_bytes())
+    for offset, size in mapped.records:
+        data[offset : offset + size] = bytes(b ^ 0xFF for b in data[offset : offset + size])
+    twin = tmp_path / "twin.pt"
+    twin.write_bytes(bytes(data))
+    assert storage_records(twin) == mapped.records
+    assert verified_base(mapped.path, mapped.records, mapped.tensors.values()) == mapped.base
+    assert verified_base(twin, mapped.records, mapped.tensors.values()) is None
+
+
+def test_the_reader_hands_out_ranges_for_big_mapped_tensors_only(tmp_path: Path) -> None:
+    config, tensors = synthesize_variant("te-full", tp=2, num_layers=2, hidden_size=512, num_heads=4, num_kv_heads=4)
+    source = NeoXCheckpoint(write_neox_checkpoint(tensors, config, tmp_path / "neox"))
+    big = [key for key, meta in source.manifest().items() if meta.nbytes > SMALL]
+    assert big
+    with source:
+        for key in source.manifest():
+            tensor = source.get(key)
+            found = source.file_range(tensor)
+            if found is None:
+                continue
+            assert found.path == source.file_of(key)
+            with open(found.path, "rb") as f:
+                f.seek(found.offset)
+                assert f.read(found.nbytes) == _raw(tensors[key]), key
+        handed = [source.file_range(source.get(key)) for key in big]
+    assert all(handed)  # every large tensor of a pipeline file can be copied in the kernel
+
+
+@pytest.mark.parametrize("kernel", ["copy_file_range", "sendfile", "neither"])
+def test_copy_range_appends_the_same_bytes_however_the_kernel_copies(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kernel: str
+) -> None:
+    source = tmp_path / "source.bin"
+    source.write_bytes(os.urandom(300_000))
+    refused: list[str] = []
+
+    def unsupported(name: str):  # type: ignore[no-untyped-def]
+        def call(*args: object) -> int:
+            refused.append(name)
+            raise OSError(errno.EXDEV if name == "copy_file_range" else errno.EINVAL, "not here")
+
+        return call
+
+    if kernel != "copy_file_range":
+        monkeypatch.setattr(os, "copy_file_range", unsupported("copy_file_range"))
+    if kernel == "neither":
+        monkeypatch.setattr(os, "sendfile", unsupported("sendfile"))
+    target = tmp_path / "out.bin"
+    with AtomicFile(target) as f:
+        f.write(b"head")
+        assert f.copy_range(source, 1000, 200_000) == 200_000
+        f.write(b"tail")
+    assert target.read_bytes() == b"head" + source.read_bytes()[1000:201_000] + b"tail"
+    assert refused == {"copy_file_range": [], "sendfile": ["copy_file_range"], "neither": ["copy_file_range", "sendfile"]}[kernel]
+
+
+def test_copy_range_reports_a_full_disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    source = tmp_path / "source.bin"
+    source.write_bytes(b"x" * 10_000)
+
+    def full(*args: object) -> int:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "copy_file_range", full)
+    with pytest.raises(ConversionError, match="the disk is full"):
+        with AtomicFile(tmp_path / "out.bin", needed=10_000) as f:
+            f.copy_range(source, 0, 10_000)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["source.bin"]
+
+
+def test_copy_range_refuses_a_source_shorter_than_said(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    source = tmp_path / "source.bin"
+    source.write_bytes(b"x" * 100)
+    with pytest.raises(ConversionError, match="ended 50 bytes early"):
+        with AtomicFile(tmp_path / "out.bin") as f:
+            f.copy_range(source, 50, 100)
+
+
+def test_a_conversion_writes_the_same_files_with_and_without_kernel_copies(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config, tensors = synthesize_variant("te-full", tp=2, num_layers=2, hidden_size=256, num_heads=4, num_kv_heads=4)
+    neox = write_neox_checkpoint(tensors, config, tmp_path / "neox")
+    convert_checkpoint(neox, tmp_path / "kernel", max_shard_size=1 << 20)
+    monkeypatch.setattr(NeoXCheckpoint, "file_range", lambda self, tensor: None)
+    convert_checkpoint(neox, tmp_path / "python", max_shard_size=1 << 20)
+    kernel = {p.name: p.read_bytes() for p in (tmp_path / "kernel").iterdir()}
+    python = {p.name: p.read_bytes() for p in (tmp_path / "python").iterdir()}
+    assert len([n for n in kernel if n.endswith(".safetensors")]) > 2
+    assert kernel.keys() == python.keys()
+    differing = [name for name in kernel if kernel[name] != python[name]]
+    assert differing == []
