@@ -256,8 +256,9 @@ class AtomicFile:
             for count in _kernel_copies(source.fileno(), self._fd, offset, nbytes):
                 offset += count
                 self.written += count
+            source.seek(offset)
             while offset < end:  # what the kernel could not copy (another filesystem, an old kernel)
-                chunk = os.pread(source.fileno(), min(CHUNK, end - offset), offset)
+                chunk = source.read(min(CHUNK, end - offset))
                 if not chunk:
                     raise OSError(errno.EIO, f"{path} ended {end - offset} bytes early")
                 offset += self.write(chunk)
@@ -379,7 +380,12 @@ class Flusher:
             self._error = write_error(path, exc, written=path.stat().st_size if path.exists() else 0)
 
 
-_NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EBADF, errno.EPERM}
+# "the kernel cannot copy these files this way": another filesystem, an old kernel, a platform
+# whose sendfile only writes to sockets (macOS)
+_NO_KERNEL_COPY = {
+    errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EBADF, errno.EPERM,
+    errno.ENOTSOCK,
+}
 
 
 def _kernel_copies(source: int, target: int, offset: int, nbytes: int) -> Iterator[int]:

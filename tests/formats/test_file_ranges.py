@@ -146,7 +146,7 @@ def test_the_reader_hands_out_ranges_for_big_mapped_tensors_only(tmp_path: Path)
     assert all(handed)  # every large tensor of a pipeline file can be copied in the kernel
 
 
-@pytest.mark.parametrize("kernel", ["copy_file_range", "sendfile", "neither"])
+@pytest.mark.parametrize("kernel", ["copy_file_range", "sendfile", "neither", "sendfile to sockets only"])
 def test_copy_range_appends_the_same_bytes_however_the_kernel_copies(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kernel: str
 ) -> None:
@@ -154,24 +154,28 @@ def test_copy_range_appends_the_same_bytes_however_the_kernel_copies(
     source.write_bytes(os.urandom(300_000))
     refused: list[str] = []
 
-    def unsupported(name: str):  # type: ignore[no-untyped-def]
+    def unsupported(name: str, code: int):  # type: ignore[no-untyped-def]
         def call(*args: object) -> int:
             refused.append(name)
-            raise OSError(errno.EXDEV if name == "copy_file_range" else errno.EINVAL, "not here")
+            raise OSError(code, os.strerror(code))
 
         return call
 
     if kernel != "copy_file_range":
-        monkeypatch.setattr(os, "copy_file_range", unsupported("copy_file_range"))
+        monkeypatch.setattr(os, "copy_file_range", unsupported("copy_file_range", errno.EXDEV))
     if kernel == "neither":
-        monkeypatch.setattr(os, "sendfile", unsupported("sendfile"))
+        monkeypatch.setattr(os, "sendfile", unsupported("sendfile", errno.EINVAL))
+    if kernel == "sendfile to sockets only":  # macOS: no copy_file_range, sendfile to sockets
+        monkeypatch.setattr(os, "copy_file_range", unsupported("copy_file_range", errno.ENOSYS))
+        monkeypatch.setattr(os, "sendfile", unsupported("sendfile", errno.ENOTSOCK))
     target = tmp_path / "out.bin"
     with AtomicFile(target) as f:
         f.write(b"head")
         assert f.copy_range(source, 1000, 200_000) == 200_000
         f.write(b"tail")
     assert target.read_bytes() == b"head" + source.read_bytes()[1000:201_000] + b"tail"
-    assert refused == {"copy_file_range": [], "sendfile": ["copy_file_range"], "neither": ["copy_file_range", "sendfile"]}[kernel]
+    both = ["copy_file_range", "sendfile"]
+    assert refused == {"copy_file_range": [], "sendfile": both[:1], "neither": both, "sendfile to sockets only": both}[kernel]
 
 
 def test_copy_range_reports_a_full_disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
