@@ -64,6 +64,25 @@ def conversions(tmp_path_factory: pytest.TempPathFactory) -> dict[int, dict[str,
     return found
 
 
+@pytest.fixture(scope="module")
+def back_to_neox(conversions: dict[int, dict[str, int]], tmp_path_factory: pytest.TempPathFactory) -> dict[int, dict[str, int]]:
+    """HF -> NeoX of the same models, from one HF shard holding the whole model (the default 5 GB
+    shards): the reader must not keep the pages of the shard it has read."""
+    root = tmp_path_factory.mktemp("back")
+    found: dict[int, dict[str, int]] = {}
+    for layers, forward in conversions.items():
+        src, _ = _checkpoint(root, layers)
+        hf = root / f"hf-{layers}"
+        convert_checkpoint(src, hf)
+        assert (hf / "model.safetensors").is_file()  # one shard
+        resident: list[int] = []
+        convert_checkpoint(hf, root / f"neox-back-{layers}", tp=2,
+                           on_group=lambda index, nbytes, hf=hf: resident.append(_resident_checkpoint_bytes(hf)))
+        found[layers] = {"block": forward["block"], "max_resident": max(resident),
+                         "resident_at_end": _resident_checkpoint_bytes(hf)}
+    return found
+
+
 def _resident_checkpoint_bytes(src: Path) -> int:
     """Bytes of ``src``'s files resident in this process's memory maps now (-1: unknown)."""
     try:
@@ -116,6 +135,15 @@ def test_the_reader_lets_go_of_each_layer_file(conversions: dict[int, dict[str, 
     if four["max_resident"] < 0:
         pytest.skip("no /proc/self/smaps here")
     for found in (four, eight):
+        assert found["max_resident"] <= 2 * found["block"] + SLACK
+        assert found["resident_at_end"] == 0
+
+
+def test_the_hf_reader_keeps_only_the_pages_of_tensors_in_use(back_to_neox: dict[int, dict[str, int]]) -> None:
+    """Each tensor is mapped on its own: its pages leave with it, whatever the shard size."""
+    if back_to_neox[4]["max_resident"] < 0:
+        pytest.skip("no /proc/self/smaps here")
+    for found in back_to_neox.values():
         assert found["max_resident"] <= 2 * found["block"] + SLACK
         assert found["resident_at_end"] == 0
 

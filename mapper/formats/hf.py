@@ -5,7 +5,9 @@ Looked for in this order, like ``from_pretrained``: ``model.safetensors.index.js
 comes from the safetensors headers (validated: offsets that lie, overlap or point past the end
 of a truncated file are errors naming the file and tensor) or from memory-mapped, weights-only
 loads of the ``.bin`` files (:mod:`mapper.formats.safe_pickle`). An index whose file names point
-outside the folder (``../x``, absolute paths) is refused. ``get`` returns views of memory maps.
+outside the folder (``../x``, absolute paths) is refused. ``get`` returns views of memory maps:
+for safetensors, a map of that tensor's bytes alone, so the pages read go away with the tensor
+(memory follows the tensors in use, not the 5 GB shards they come from).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from mapper.errors import CheckpointError
 from mapper.formats import safe_pickle
 from mapper.formats.naming import natural_key
 from mapper.formats.readahead import will_need
-from mapper.formats.safetensors_io import Entry, MappedFile, read_header
+from mapper.formats.safetensors_io import Entry, map_tensor, read_header
 from mapper.tensors import TensorMeta
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -108,7 +110,6 @@ class HFCheckpoint:
         config_path = self.path / "config.json"
         self.config: dict[str, Any] | None = _read_json(config_path) if config_path.is_file() else None
         self._lock = threading.Lock()
-        self._maps: dict[Path, MappedFile] = {}
         self._loaded: dict[Path, dict[str, torch.Tensor]] = {}
         self._legacy: tuple[Path, dict[str, torch.Tensor]] | None = None
         self._bin_metas: dict[str, TensorMeta] = {}
@@ -174,7 +175,6 @@ class HFCheckpoint:
                     )
                 self._entries[key] = entry
                 self._file_of[key] = shard
-            self._maps[shard] = MappedFile(shard)
         self._check_index(mapped, self._file_of, index)
 
     def _open_bin(self, mapped: dict[str, Path] | None, index: Path | None) -> None:
@@ -233,14 +233,13 @@ class HFCheckpoint:
         """The tensor ``key``, a view of a memory map (do not write to it)."""
         file = self.file_of(key)
         if self.format == "safetensors":
-            return will_need(self._maps[file].tensor(self._entries[key]))
+            return will_need(map_tensor(file, self._entries[key]))
         return self._load_bin(file)[key]
 
     def close(self) -> None:
         with self._lock:
             self._loaded.clear()
             self._legacy = None
-            self._maps = {path: MappedFile(path) for path in self._maps}
 
     def __enter__(self) -> HFCheckpoint:
         return self

@@ -162,30 +162,21 @@ def read_header(path: Path) -> Header:
     return Header(path, entries, dict(metadata))
 
 
-class MappedFile:
-    """A read-only (copy-on-write) memory map of one file, opened on first use."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self._map: mmap.mmap | None = None
-        self._lock = threading.Lock()
-
-    def tensor(self, entry: Entry) -> torch.Tensor:
-        """The tensor at ``entry`` as a view of the map (no copy unless misaligned)."""
-        meta = entry.meta
-        if meta.numel == 0:
-            return torch.empty(meta.shape, dtype=meta.dtype)
-        with self._lock:
-            if self._map is None:
-                with open(self.path, "rb") as f:
-                    self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-        flat = torch.frombuffer(
-            self._map, dtype=torch.uint8, count=entry.end - entry.start, offset=entry.start
-        )
-        itemsize = flat.new_empty((), dtype=meta.dtype).element_size()
-        if flat.data_ptr() % itemsize:
-            flat = flat.clone()
-        return flat.view(meta.dtype).reshape(meta.shape)
+def map_tensor(path: Path, entry: Entry) -> torch.Tensor:
+    """The tensor at ``entry`` of ``path`` as a view of a (copy-on-write) memory map of its own
+    bytes only: the map, and the pages read through it, go away with the last view of the tensor,
+    so a reader's memory follows the tensors still in use, not the shards it has read from."""
+    meta = entry.meta
+    if meta.numel == 0:
+        return torch.empty(meta.shape, dtype=meta.dtype)
+    start = entry.start - entry.start % mmap.ALLOCATIONGRANULARITY
+    with open(path, "rb") as f:
+        mapped = mmap.mmap(f.fileno(), entry.end - start, access=mmap.ACCESS_COPY, offset=start)
+    flat = torch.frombuffer(mapped, dtype=torch.uint8, count=entry.end - entry.start, offset=entry.start - start)
+    itemsize = flat.new_empty((), dtype=meta.dtype).element_size()
+    if flat.data_ptr() % itemsize:
+        flat = flat.clone()
+    return flat.view(meta.dtype).reshape(meta.shape)
 
 
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
