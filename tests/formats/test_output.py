@@ -211,9 +211,12 @@ def test_the_background_writer_writes_two_files_at_once_and_no_more() -> None:
     worker.submit(1, {})
     third = threading.Thread(target=worker.submit, args=(2, {}))
     third.start()
-    time.sleep(0.2)
-    assert third.is_alive()  # held back: both threads are busy
-    assert files.running == {0, 1}
+    deadline = time.monotonic() + 10
+    while files.running != {0, 1} and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert files.running == {0, 1}  # both files are being written at once
+    third.join(timeout=0.2)
+    assert third.is_alive()  # and the caller is held back until one is done
     files.release.set()
     third.join(timeout=10)
     worker.close()
