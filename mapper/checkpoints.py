@@ -94,11 +94,13 @@ class Prepared:
 
     def peak_memory_bytes(self, max_shard_size: int = 5 * 10**9) -> int:
         """Most tensor bytes alive at once: the engine building one output file (simulated from
-        the plan) plus the files the writer threads may still be writing. An upper bound: bytes
-        copied file to file in the kernel (:mod:`mapper.formats.file_ranges`) never are."""
+        the plan) plus the earlier files the writer threads may still be writing. An upper
+        bound: bytes copied file to file in the kernel (:mod:`mapper.formats.file_ranges`) never
+        enter memory, and mapped input pages are shared with the page cache."""
         groups = self.output_groups(max_shard_size)
-        largest = max((sum(self.plan.targets[key].meta.nbytes for key in group) for group in groups), default=0)
-        return self.plan.peak_bytes(groups) + WRITER_THREADS * largest
+        sizes = sorted((sum(self.plan.targets[key].meta.nbytes for key in group) for group in groups), reverse=True)
+        being_written = sizes[: min(WRITER_THREADS, len(sizes) - 1)]
+        return self.plan.peak_bytes(groups) + sum(being_written)
 
     def record(self) -> dict[str, Any]:
         """What ``mapper.json`` says about this conversion."""

@@ -276,7 +276,7 @@ def plan(
     out.print(
         f"{summary['source_tensors']} source tensors ({summary['source_bytes'] / 1e6:.1f} MB) -> "
         f"{summary['target_tensors']} target tensors ({summary['target_bytes'] / 1e6:.1f} MB) in "
-        f"{len(groups)} file(s); peak memory about {summary['peak_memory_bytes'] / 1e6:.1f} MB"
+        f"{len(groups)} file(s); peak memory at most {summary['peak_memory_bytes'] / 1e6:.1f} MB"
     )
 
 

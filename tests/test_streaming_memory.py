@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mapper.checkpoints import convert_checkpoint
+from mapper.checkpoints import convert_checkpoint, prepare
 from mapper.formats.hf_writer import HFWriter
 from mapper.formats.naming import parse_neox_key
 from mapper.formats.safetensors_io import write_safetensors
@@ -122,6 +122,13 @@ def test_the_predicted_peak_covers_the_engine_and_the_writer_threads(conversions
         assert found["peak_live"] + WRITER_THREADS * found["largest_group"] <= found["predicted"]
         assert found["predicted"] <= (2 + WRITER_THREADS) * found["largest_group"] + SLACK
     assert conversions[4]["predicted"] == conversions[8]["predicted"]
+
+
+def test_with_one_output_file_nothing_is_written_while_the_engine_builds(tmp_path: Path) -> None:
+    src, _ = _checkpoint(tmp_path, 2)
+    ready = prepare(src)
+    (group,) = ready.output_groups(10**12)
+    assert ready.peak_memory_bytes(10**12) == ready.plan.peak_bytes([group])
 
 
 def test_the_reader_lets_go_of_each_layer_file(conversions: dict[int, dict[str, int]]) -> None:
