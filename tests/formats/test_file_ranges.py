@@ -127,9 +127,11 @@ def test_a_base_is_confirmed_against_the_file_bytes(tmp_path: Path, mapped: Mapp
     assert verified_base(twin, mapped.records, mapped.tensors.values()) is None
 
 
-def test_the_reader_hands_out_ranges_for_big_mapped_tensors_only(tmp_path: Path) -> None:
+@pytest.mark.parametrize("layout", ["pipeline", "sequential"])
+def test_the_reader_hands_out_ranges_for_big_mapped_tensors_only(tmp_path: Path, layout: str) -> None:
     config, tensors = synthesize_variant("te-full", tp=2, num_layers=2, hidden_size=512, num_heads=4, num_kv_heads=4)
-    source = NeoXCheckpoint(write_neox_checkpoint(tensors, config, tmp_path / "neox"))
+    source = NeoXCheckpoint(write_neox_checkpoint(tensors, config, tmp_path / "neox", layout=layout))  # type: ignore[arg-type]
+    assert source.layout == layout
     big = [key for key, meta in source.manifest().items() if meta.nbytes > SMALL]
     assert big
     with source:
@@ -143,7 +145,7 @@ def test_the_reader_hands_out_ranges_for_big_mapped_tensors_only(tmp_path: Path)
                 f.seek(found.offset)
                 assert f.read(found.nbytes) == _raw(tensors[key]), key
         handed = [source.file_range(source.get(key)) for key in big]
-    assert all(handed)  # every large tensor of a pipeline file can be copied in the kernel
+    assert all(handed)  # every large tensor of a layer or mp_rank file can be copied in the kernel
 
 
 @pytest.mark.parametrize("kernel", ["copy_file_range", "sendfile", "neither", "sendfile to sockets only"])
