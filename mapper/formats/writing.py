@@ -17,7 +17,7 @@ writer does), so a group being written shrinks as its file grows.
 surfaces at the next ``write_group``.
 
 Atomicity. Files go into a staging folder (:mod:`mapper.formats.output`) that becomes the output
-folder only when complete; on any error it is removed. Each file is fsynced by a second thread
+folder only when complete; on any error it is removed. Each file is fsynced by a separate thread
 (:class:`~mapper.formats.output.Flusher`) while the next one is written; ``finalize()`` waits for
 every fsync before it commits or writes a part's marker.
 
