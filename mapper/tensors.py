@@ -10,7 +10,8 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from types import TracebackType
+from typing import Protocol, TypeVar, runtime_checkable
 
 import torch
 
@@ -90,6 +91,24 @@ class Source(Protocol):
     def get(self, key: str) -> torch.Tensor:
         """The tensor for ``key``; may be a view of a memory map (do not write to it)."""
         ...
+
+
+Reader = TypeVar("Reader", bound="ClosingReader")
+
+
+class ClosingReader:
+    """Base of the file readers: ``with reader:`` calls :meth:`close` on the way out."""
+
+    def close(self) -> None:
+        """Let go of cached file maps (a later ``get`` opens them again)."""
+
+    def __enter__(self: Reader) -> Reader:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
 
 
 @runtime_checkable

@@ -16,7 +16,6 @@ import difflib
 import json
 import threading
 from pathlib import Path, PurePosixPath, PureWindowsPath
-from types import TracebackType
 from typing import Any
 
 import torch
@@ -26,7 +25,7 @@ from mapper.formats import safe_pickle
 from mapper.formats.naming import natural_key
 from mapper.formats.readahead import will_need
 from mapper.formats.safetensors_io import Entry, map_tensor, read_header
-from mapper.tensors import TensorMeta
+from mapper.tensors import ClosingReader, TensorMeta
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"
@@ -91,7 +90,7 @@ def _index_files(folder: Path, index_name: str) -> dict[str, Path]:
     return files
 
 
-class HFCheckpoint:
+class HFCheckpoint(ClosingReader):
     """A HuggingFace model folder as a :class:`~mapper.tensors.Source`.
 
     Attributes: ``path``, ``format`` (``"safetensors"`` or ``"bin"``), ``files`` (the weight
@@ -240,14 +239,6 @@ class HFCheckpoint:
         with self._lock:
             self._loaded.clear()
             self._legacy = None
-
-    def __enter__(self) -> HFCheckpoint:
-        return self
-
-    def __exit__(
-        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return f"HFCheckpoint({str(self.path)!r}, format={self.format}, files={len(self.files)})"

@@ -42,7 +42,6 @@ import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import torch
@@ -58,7 +57,7 @@ from mapper.formats.naming import (
     neox_key,
 )
 from mapper.formats.readahead import will_need
-from mapper.tensors import TensorMeta
+from mapper.tensors import ClosingReader, TensorMeta
 
 PIPELINE = "pipeline"
 SEQUENTIAL = "sequential"
@@ -156,7 +155,7 @@ class _Located:
     key: str
 
 
-class NeoXCheckpoint:
+class NeoXCheckpoint(ClosingReader):
     """A NeoX checkpoint as a :class:`~mapper.tensors.Source` (see the module docstring).
 
     Attributes: ``path`` (the tag folder), ``tag``, ``layout`` (``"pipeline"`` or
@@ -178,8 +177,9 @@ class NeoXCheckpoint:
         self._pending_bytes: dict[Path, int] = {}
         self._file_bytes: dict[Path, int] = {}
         self._copied: set[Path] = set()  # cached dicts holding only copies of the pending tensors
-        # per memory-mapped file: the map's address and the storage records (file_ranges)
-        self._maps: dict[Path, tuple[int, list[tuple[int, int]]]] = {}
+        # per memory-mapped file, once a tensor of it is handed out: the map's address and the
+        # storage records (file_ranges), or None when they cannot be told
+        self._maps: dict[Path, tuple[int, list[tuple[int, int]]] | None] = {}
         self._ranges = FileRanges()
         self._index: dict[str, _Located] | None = None
         self._manifest: dict[str, TensorMeta] | None = None
@@ -309,11 +309,7 @@ class NeoXCheckpoint:
             self._copied.discard(file)
             if safe_pickle.is_zip_file(file):
                 self._cache[file] = tensors
-                self._maps.pop(file, None)
-                records = storage_records(file)
-                base = verified_base(file, records, tensors.values())
-                if base is not None:
-                    self._maps[file] = (base, records)
+                self._maps.pop(file, None)  # a new map: its address is worked out again
             else:
                 self._legacy = (file, tensors)
             return tensors
@@ -396,10 +392,20 @@ class NeoXCheckpoint:
             tensor = tensor.clone()  # see the module docstring
         elif mapped:
             will_need(tensor)  # read ahead now, not when the writer thread touches it
-            if located.file in self._maps:
-                self._ranges.add(tensor, located.file, *self._maps[located.file])
+            mapped_at = self._map_of(located.file, tensors)
+            if mapped_at is not None:
+                self._ranges.add(tensor, located.file, *mapped_at)
         self._handed_out(located.file, located.inner, tensor.nbytes)
         return tensor
+
+    def _map_of(self, file: Path, tensors: dict[str, torch.Tensor]) -> tuple[int, list[tuple[int, int]]] | None:
+        """(map address, storage records) of a loaded zip file, worked out when first needed
+        (not while building the manifest: a dry run never copies)."""
+        if file not in self._maps:
+            records = storage_records(file)
+            base = verified_base(file, records, tensors.values())
+            self._maps[file] = (base, records) if base is not None else None
+        return self._maps[file]
 
     def file_range(self, tensor: object) -> FileRange | None:
         """Where ``tensor``'s bytes lie in its file, if it is a view handed out by :meth:`get`
@@ -440,14 +446,6 @@ class NeoXCheckpoint:
             self._pending_bytes.clear()
             self._copied.clear()
             self._maps.clear()
-
-    def __enter__(self) -> NeoXCheckpoint:
-        return self
-
-    def __exit__(
-        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return f"NeoXCheckpoint({str(self.path)!r}, layout={self.layout}, tp={self.tp})"

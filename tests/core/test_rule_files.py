@@ -10,19 +10,8 @@ import yaml
 
 from mapper.errors import RuleFileError
 from mapper.spec import dump_rule_set, load_rule_file, load_rule_text
+from mapper.testing.rules import RULE_SET_HEADER as HEADER
 
-HEADER = """\
-schema_version: 1
-name: demo
-version: 1.0.0
-description: a small rule set
-source: neox
-target: hf-gpt-neox
-parameters:
-  num_layers: {description: transformer layers}
-  tp: {default: 1}
-placeholders: {i: num_layers, r: tp, wb: [weight, bias]}
-"""
 
 
 def write(folder: Path, name: str, text: str) -> Path:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
 from pathlib import Path
 from types import ModuleType
 
@@ -13,18 +12,8 @@ from safetensors import safe_open
 
 from mapper.errors import ConversionError
 from mapper.formats import HFCheckpoint, HFWriter
-from mapper.formats.writing import StagedWriter
 from mapper.tensors import TensorMeta
-
-
-def write(writer: StagedWriter, tensors: Mapping[str, torch.Tensor]) -> list[list[str]]:
-    """Drive a writer the way the engine does."""
-    manifest = {key: TensorMeta.of(t) for key, t in tensors.items()}
-    with writer:
-        groups = writer.groups(manifest)
-        for i, keys in enumerate(groups):
-            writer.write_group(i, {key: tensors[key] for key in keys})
-    return groups
+from mapper.testing.sinks import write_groups as write
 
 
 def every_dtype() -> dict[str, torch.Tensor]:

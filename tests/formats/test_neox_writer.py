@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from pathlib import Path
 from types import ModuleType
 
@@ -14,15 +13,7 @@ from mapper.errors import ConversionError
 from mapper.formats import NeoXCheckpoint, NeoXWriter
 from mapper.formats.naming import mp_rank_file_name
 from mapper.tensors import TensorMeta
-
-
-def write(writer: NeoXWriter, tensors: Mapping[str, torch.Tensor]) -> list[list[str]]:
-    manifest = {key: TensorMeta.of(t) for key, t in tensors.items()}
-    with writer:
-        groups = writer.groups(manifest)
-        for i, keys in enumerate(groups):
-            writer.write_group(i, {key: tensors[key] for key in keys})
-    return groups
+from mapper.testing.sinks import write_groups as write
 
 
 @pytest.mark.parametrize("tp", [1, 2])

@@ -7,7 +7,7 @@ import gc
 import os
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from types import ModuleType
 
@@ -17,23 +17,14 @@ import torch
 from mapper.errors import ConversionError
 from mapper.formats import HFWriter, NeoXWriter
 from mapper.formats.output import HOST, AtomicFile, check_output_path
-from mapper.formats.writing import StagedWriter
 from mapper.tensors import TensorMeta
+from mapper.testing.sinks import write_groups as write
 
 TENSORS = {f"layer_{i:02d}.w@rank0": torch.full((256,), float(i)) for i in range(2, 8)}
 
 
 def manifest(tensors: Mapping[str, torch.Tensor]) -> dict[str, TensorMeta]:
     return {key: TensorMeta.of(t) for key, t in tensors.items()}
-
-
-def write(
-    writer: StagedWriter, tensors: Mapping[str, torch.Tensor], between: Callable[[int], None] = lambda i: None
-) -> None:
-    with writer:
-        for i, keys in enumerate(writer.groups(manifest(tensors))):
-            writer.write_group(i, {key: tensors[key] for key in keys})
-            between(i)
 
 
 WRITERS = {

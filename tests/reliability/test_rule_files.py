@@ -21,19 +21,8 @@ from _reliability import (
 )
 
 from mapper.errors import CompileError, RuleFileError
+from mapper.testing.rules import RULE_SET_HEADER as HEADER  # the first rule is on line 12
 
-HEADER = """\
-schema_version: 1
-name: demo
-version: 1.0.0
-description: a small rule set
-source: neox
-target: hf-gpt-neox
-parameters:
-  num_layers: {description: transformer layers}
-  tp: {default: 1}
-placeholders: {i: num_layers, r: tp, wb: [weight, bias]}
-"""  # the first rule is on line 12, after "rules:" on line 11
 
 
 def fragment(name: str, body: str = "") -> str:

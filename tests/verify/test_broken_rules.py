@@ -106,15 +106,21 @@ def test_double_layernorm_of_issue_1353(rule_copy, convert, tp: int) -> None:
     assert_caught(report, broken, part="mlp")
 
 
-def test_stale_post_attention_norm_mapped(rule_copy, convert) -> None:
-    """The pre-fix official converter: the stale ``post_attention_layernorm`` (ones/zeros, never used
-    by TE LayerNormMLP) becomes HF's pre-MLP norm and TE's real ``mlp.layer_norm_*`` is dropped."""
+def stale_norm_mapped(rule_copy) -> tuple[mapper.RuleSet, str]:  # type: ignore[no-untyped-def]
+    """The TE rule set with the stale ``post_attention_layernorm`` mapped instead of TE's
+    ``mlp.layer_norm_*`` (which is dropped instead), and the id of the broken rule."""
     path = rule_copy.edit(GPT_NEOX_MLP_TE, TE_NORM_RENAME, TE_NORM_RENAME.replace(
         "mlp.layer_norm_{wb}@rank{r}", "post_attention_layernorm.{wb}@rank{r}"))
     rule_copy.edit(GPT_NEOX_MLP_TE, "stale_norm: [post_attention_layernorm.weight, post_attention_layernorm.bias,",
                    "stale_norm: [mlp.layer_norm_weight, mlp.layer_norm_bias,")
     rules = mapper.load_rules(rule_copy.path("neox-te-to-hf-gpt-neox"))
-    broken = rule_at(rules, path, line_of(path, 'from: "layer_{i+2:02d}.post_attention_layernorm.{wb}'))
+    return rules, rule_at(rules, path, line_of(path, 'from: "layer_{i+2:02d}.post_attention_layernorm.{wb}'))
+
+
+def test_stale_post_attention_norm_mapped(rule_copy, convert) -> None:
+    """The pre-fix official converter: the stale ``post_attention_layernorm`` (ones/zeros, never used
+    by TE LayerNormMLP) becomes HF's pre-MLP norm and TE's real ``mlp.layer_norm_*`` is dropped."""
+    rules, broken = stale_norm_mapped(rule_copy)
     c = convert("te-full", rules, tp=2)
     stale = c.neox["layer_02.post_attention_layernorm.weight@rank0"]
     assert torch.equal(stale, torch.ones_like(stale))  # as pre-fix checkpoints hold it
@@ -199,12 +205,7 @@ def test_row_parallel_bias_summed_without_gpt_j_residual(rule_copy, convert) -> 
 
 def test_caught_in_bf16_too(rule_copy, convert) -> None:
     """Comparing in the training precision (looser tolerance) still catches the #1353 mistake."""
-    path = rule_copy.edit(GPT_NEOX_MLP_TE, TE_NORM_RENAME, TE_NORM_RENAME.replace(
-        "mlp.layer_norm_{wb}@rank{r}", "post_attention_layernorm.{wb}@rank{r}"))
-    rule_copy.edit(GPT_NEOX_MLP_TE, "stale_norm: [post_attention_layernorm.weight, post_attention_layernorm.bias,",
-                   "stale_norm: [mlp.layer_norm_weight, mlp.layer_norm_bias,")
-    rules = mapper.load_rules(rule_copy.path("neox-te-to-hf-gpt-neox"))
-    broken = rule_at(rules, path, line_of(path, 'from: "layer_{i+2:02d}.post_attention_layernorm.{wb}'))
+    rules, broken = stale_norm_mapped(rule_copy)
     c = convert("te-full", rules, tp=1)
     report = verify_conversion(c.neox, c.config, c.model, plan=c.conversion.plan, dtype=torch.bfloat16)
     assert report.dtype == "bfloat16"
