@@ -134,6 +134,14 @@ class NeoXModelConfig(BaseModel):
     te_rowparallel: bool = Field(default=False,
         description="TE Linear for row-parallel layers (all-reduce inside the module).")
 
+    # gpt-neox code history: layouts and formulas that changed with the same keys and shapes
+    gqa_layout: Literal["current", "pre-1315"] = Field(default="current",
+        description="Row layout of NeoX's own fused GQA QKV per rank: `current` = [Q | K | V] blocks "
+        "(gpt-neox #1315, 2024-11-14, onwards); `pre-1315` = per query head [q_h | K slice | V slice].")
+    rmsnorm_formula: Literal["current", "pre-1345"] = Field(default="current",
+        description="NeoX's own RMSNorm: `current` = x * rsqrt(mean(x^2) + eps) (gpt-neox #1345, "
+        "2025-05-09, onwards, and every TE norm); `pre-1345` = x / (rms(x) + eps).")
+
     precision: Precision = Field(default="fp32",
         description="Training precision (`precision`, or the fp16/bf16 DeepSpeed blocks).")
 
@@ -304,6 +312,10 @@ class NeoXModelConfig(BaseModel):
             "tied": int(self.tied),
             "te_columnparallel": int(self.te_columnparallel),
             "te_rowparallel": int(self.te_rowparallel),
+            "te_mha": int(self.te_mha),
+            "te_layernorm_mlp": int(self.te_layernorm_mlp),
+            "te_norm": int(self.norm in ("te_layernorm", "te_rmsnorm")),
+            "gqa_pre_1315": int(self.gqa_layout == "pre-1315"),
         }
 
     # ---- NeoX YAML -----------------------------------------------------------------------------
