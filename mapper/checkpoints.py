@@ -15,6 +15,7 @@ An HF -> NeoX conversion reads them back when present, which makes NeoX -> HF ->
 from __future__ import annotations
 
 import json
+import re
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
@@ -26,8 +27,12 @@ import torch
 import yaml
 
 from mapper import __version__
-from mapper.configs import NeoXModelConfig, load_neox_yaml, pad_vocab_size
-from mapper.detect import Candidate, Detection, builtin_rule_sets, detect, require_single
+from mapper.configs import NeoXModelConfig, load_neox_yaml, pad_vocab_size, unknown_key_warnings
+from mapper.configs.hf import TARGET_OF_RULES, TARGETS, Approximation, approximations
+from mapper.configs.neox_yaml import model_from_neox_yaml, normalize_keys, validated
+from mapper.configs.switches import KeyEvidence, evidence_from_keys, history_from_evidence
+from mapper.detect import Candidate, Detection, apply_variant, detect, require_single, variant_conflicts
+from mapper.spec.catalog import builtin_rule_sets
 from mapper.engine import SIDECAR_FILE, ExecutionReport, Plan, Sidecar, compile_plan, execute
 from mapper.engine.compile import check_expected
 from mapper.engine.execute import target_manifest
@@ -40,13 +45,14 @@ from mapper.formats.output import AtomicFile, parts_staging_path, write_bytes_at
 from mapper.formats.safetensors_io import write_safetensors
 from mapper.formats.writing import META_DIR, WRITER_THREADS
 from mapper.hf_models import expected_tensors, transformers_available
+from mapper.record import RECORD_FILE, ConversionRecord, read_record
 from mapper.spec import RuleSet, dump_rule_set, load_rules
 
-RECORD_FILE = "mapper.json"
 RULES_FILE = "mapper-rules.yaml"
 NEOX_CONFIG_FILE = "mapper-neox-config.yaml"
-HF_TARGETS = {"gpt_neox": "hf-gpt-neox", "llama": "hf-llama"}
+HF_TARGETS = {arch: spec.rules_target for arch, spec in TARGETS.items()}
 ARCH_OF_TARGET = {target: arch for arch, target in HF_TARGETS.items()}
+HISTORY_SETTINGS = ("gqa_layout", "rmsnorm_formula")  # mapper-only: recorded in mapper.json
 
 Direction = Literal["neox-to-hf", "hf-to-neox"]
 
@@ -67,6 +73,8 @@ class Prepared:
     sidecar: Sidecar | None = None
     detection: Detection | None = None
     notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # things a person should check (printed as warnings)
+    approximations: list[Approximation] = field(default_factory=list)
     hf_key_check: Future[None] | None = None  # still running when prepared with background_checks
 
     def raise_if_check_failed(self) -> None:
@@ -111,6 +119,8 @@ class Prepared:
             "rules_version": self.forward_rules.version,
             "parameters": self.parameters,
             "source": str(self.source.path),
+            "settings": {name: getattr(self.model, name) for name in HISTORY_SETTINGS},
+            "approximations": [a.model_dump() for a in self.approximations],
         }
 
 
@@ -129,6 +139,9 @@ def prepare(
     tp: int | None = None,
     trim_vocab: int | None = None,
     parameters: Mapping[str, int] | None = None,
+    settings: Mapping[str, Any] | None = None,
+    strict: bool = False,
+    force_rules: bool = False,
     background_checks: bool = False,
 ) -> Prepared:
     """Open ``src``, decide everything, and compile the plan (metadata only).
@@ -138,12 +151,17 @@ def prepare(
     ``background_checks`` it runs in a thread while the caller goes on, and
     :func:`convert_checkpoint` waits for it before committing the output (a failed check leaves
     nothing behind). Without, the returned plan is already checked.
+
+    ``settings`` override NeoX config values (``{"te_mha": True}``, ``{"gqa_layout": "pre-1315"}``);
+    ``strict`` refuses settings HF can only approximate; ``force_rules`` lets a ``rules`` file whose
+    ``variant`` contradicts the config win (its settings replace the config's).
     """
     source = open_checkpoint(src)
     if isinstance(source, NeoXCheckpoint):
-        ready = _prepare_neox_to_hf(source, rules, config_files, trim_vocab, parameters or {})
+        ready = _prepare_neox_to_hf(source, rules, config_files, trim_vocab, parameters or {}, settings or {},
+                                    strict=strict, force_rules=force_rules)
     else:
-        ready = _prepare_hf_to_neox(source, rules, config_files, tp, parameters or {})
+        ready = _prepare_hf_to_neox(source, rules, config_files, tp, parameters or {}, settings or {})
     if not background_checks:
         ready.wait_for_checks()
     return ready
@@ -158,6 +176,9 @@ def convert_checkpoint(
     tp: int | None = None,
     dtype: torch.dtype | None = None,
     trim_vocab: int | None = None,
+    settings: Mapping[str, Any] | None = None,
+    strict: bool = False,
+    force_rules: bool = False,
     max_shard_size: int = 5 * 10**9,
     force: bool = False,
     part: tuple[int, int] | None = None,
@@ -175,7 +196,7 @@ def convert_checkpoint(
     """
     ready = prepared or prepare(
         src, rules=rules, config_files=config_files, tp=tp, trim_vocab=trim_vocab, parameters=parameters,
-        background_checks=True,
+        settings=settings, strict=strict, force_rules=force_rules, background_checks=True,
     )
 
     def group_done(index: int, nbytes: int) -> None:
@@ -196,7 +217,9 @@ def convert_checkpoint(
     return ConversionResult(ready, report, writer.finalize() if part is None else None)
 
 
-def detect_checkpoint(src: str | Path, *, config_files: Sequence[str | Path] = ()) -> Detection:
+def detect_checkpoint(
+    src: str | Path, *, config_files: Sequence[str | Path] = (), settings: Mapping[str, Any] | None = None,
+) -> Detection:
     """Which shipped rule set fits ``src`` (see :mod:`mapper.detect`), with the evidence.
 
     An HF folder written by mapper names its rule set in ``mapper.json``; any other HF folder
@@ -204,20 +227,21 @@ def detect_checkpoint(src: str | Path, *, config_files: Sequence[str | Path] = (
     """
     source = open_checkpoint(src)
     if isinstance(source, NeoXCheckpoint):
-        manifest = source.manifest()
-        model, _, parameters, _ = _neox_model(source, config_files)
-        return detect(manifest, parameters, model=model)
-    record = _read_record(source.path)
+        described = _neox_model(source, config_files, settings or {})
+        return detect(source.manifest(), described.parameters, model=described.model)
+    record = read_record(source.path)
     target = _hf_target(source)
     if record is not None:
         named = Candidate(recorded_rules(source.path), notes=[f"{RECORD_FILE} names it (written by the conversion that made {source.path.name})"])
         return Detection(named, [named])
     model = NeoXModelConfig.from_hf_config(source.config or {}, tp=1)
-    inverses = [r.invert() for r in builtin_rule_sets(source="neox", target=target)]
-    found = detect(source.manifest(), model.rule_parameters(), candidates=inverses)
-    for candidate in found.candidates:
-        candidate.rules = candidate.rules.invert()  # report the NeoX -> HF rule sets by name
-    return Detection(None, found.candidates)
+    candidates = []
+    for forward in builtin_rule_sets(source="neox", target=target):
+        parameters = apply_variant(model, forward.variant).rule_parameters()  # a preset's switches
+        (candidate,) = detect(source.manifest(), parameters, candidates=[forward.invert()]).candidates
+        candidate.rules = forward  # report the NeoX -> HF rule sets by name
+        candidates.append(candidate)
+    return Detection(None, candidates)
 
 
 def finalize_parts(out: str | Path, *, force: bool = False) -> Path:
@@ -235,9 +259,14 @@ def _prepare_neox_to_hf(
     config_files: Sequence[str | Path],
     trim_vocab: int | None,
     overrides: Mapping[str, int],
+    settings: Mapping[str, Any],
+    *,
+    strict: bool,
+    force_rules: bool,
 ) -> Prepared:
     manifest = source.manifest()
-    model, raw, parameters, notes = _neox_model(source, config_files)
+    described = _neox_model(source, config_files, settings)
+    model, parameters, notes, warnings = described.model, described.parameters, described.notes, described.warnings
     if trim_vocab:
         padded = parameters.get("vocab_size")
         if padded is not None and trim_vocab > padded:
@@ -248,32 +277,48 @@ def _prepare_neox_to_hf(
                 "of make-vocab-size-divisible-by x TP)",
             )
         parameters["trim_vocab"] = trim_vocab
-    parameters.update(overrides)
 
     detection = None
     if rules is None:
-        detection = detect(manifest, parameters, model=model)
+        detection = detect(manifest, {**parameters, **overrides}, model=model)
         chosen = require_single(detection, f"cannot tell which rule set fits {source.path}")
     else:
         chosen = _load(rules)
-    if chosen.source != "neox":
-        raise MapperError(
-            f"rule set {chosen.name} converts {chosen.source} -> {chosen.target}, but {source.path} is a NeoX checkpoint",
-            hint="pick a rule set whose source is neox (`mapper rules list`)",
-        )
+        if chosen.source != "neox":
+            raise MapperError(
+                f"rule set {chosen.name} converts {chosen.source} -> {chosen.target}, but {source.path} is a NeoX "
+                "checkpoint", hint="pick a rule set whose source is neox (`mapper rules list`)",
+            )
+        conflicts = variant_conflicts(chosen.variant, model) if model is not None else []
+        if conflicts and not force_rules:
+            raise MapperError(
+                f"rule set {chosen.name} is for another model than the config describes:\n"
+                + "\n".join(f"  - {c}" for c in conflicts),
+                where=f"{chosen.name}: variant",
+                hint="fix the config, pick a rule set whose variant fits (or none: detection reads the config), "
+                "or pass --force-rules to let the rule set's variant replace those settings",
+            )
+        if model is not None and (conflicts or chosen.kind == "preset"):
+            if conflicts:
+                warnings.append(f"--force-rules: {chosen.name}'s variant replaces the config's settings ("
+                                + "; ".join(conflicts) + ")")
+            model = apply_variant(model, chosen.variant)
+            parameters.update(model.rule_parameters())
     if model is None:
         raise MapperError(
             f"converting {source.path} to HF needs the NeoX model config (hidden size, heads, norm, "
             "activation, rotary...) to write config.json",
             where=source.path, hint="pass --config path/to/model.yml (the YAML the model was trained with)",
         )
+    parameters.update(overrides)
     detected = detection.chosen.plan if detection is not None and detection.chosen is not None else None
     plan = detected or compile_plan(chosen, manifest, parameters)
     arch = ARCH_OF_TARGET[chosen.target or ""]
-    hf_config = model.to_hf_config(
-        arch, intermediate_size=_mlp_width(plan), vocab_size=trim_vocab or None,
-    )
-    hf_config["architectures"] = ["GPTNeoXForCausalLM" if arch == "gpt_neox" else "LlamaForCausalLM"]
+    hf_config = model.to_hf_config(arch, intermediate_size=_mlp_width(plan), vocab_size=trim_vocab or None,
+                                   strict=strict)
+    approximate = approximations(model, arch)
+    warnings.extend(f"approximation: {a.setting}: NeoX computes {a.neox}; HF computes {a.hf} ({a.effect}; "
+                    "--strict refuses this)" for a in approximate)
     key_check = None
     if transformers_available():
         key_check = _in_background(lambda: check_expected(plan, expected_tensors(hf_config)), "mapper-hf-key-check")
@@ -282,7 +327,8 @@ def _prepare_neox_to_hf(
     notes.extend(_dropped_notes(plan))
     return Prepared(
         "neox-to-hf", source, chosen, chosen, model, plan.parameters, plan, hf_config,
-        raw, detection=detection, notes=notes, hf_key_check=key_check,
+        described.raw, detection=detection, notes=notes, warnings=warnings, approximations=approximate,
+        hf_key_check=key_check,
     )
 
 
@@ -302,22 +348,66 @@ def _in_background(work: Callable[[], None], name: str) -> Future[None]:
     return outcome
 
 
+@dataclass
+class NeoXDescription:
+    """What a NeoX checkpoint folder says about its model before any tensor is read."""
+
+    model: NeoXModelConfig | None  # None without a config: parameters come from the files and keys
+    raw: dict[str, Any]  # the merged NeoX YAML
+    parameters: dict[str, int]
+    keys: KeyEvidence
+    notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
 def _neox_model(
-    source: NeoXCheckpoint, config_files: Sequence[str | Path]
-) -> tuple[NeoXModelConfig | None, dict[str, Any], dict[str, int], list[str]]:
-    """The model config (given, or found under configs/), its merged YAML, and the rule
-    parameters it implies (read off the checkpoint where there is no config)."""
+    source: NeoXCheckpoint, config_files: Sequence[str | Path], settings: Mapping[str, Any]
+) -> NeoXDescription:
+    """The model config (given, or found under configs/, with ``settings`` on top), its merged YAML,
+    and the rule parameters it implies; without a config, what the files and keys show."""
     manifest = source.manifest()
+    keys = evidence_from_keys(manifest)
     files = [Path(p) for p in config_files] or list(source.config_files)
     parameters = _inferred_parameters(manifest, source.tp)
     if not files:
-        return None, {}, parameters, [
-            "no NeoX config found (configs/ or --config): parameters are read off the checkpoint"
-        ]
+        parameters.update({name: int(on) for name, on in keys.switches.items()})  # unknown: the default, off
+        parameters["te_norm"] = int(keys.norm in ("te_layernorm", "te_rmsnorm"))
+        return NeoXDescription(None, {}, parameters, keys, notes=[
+            "no NeoX config found (configs/ or --config): parameters are read off the checkpoint's files and "
+            "the switches off its keys"])
     raw = load_neox_yaml(files)
+    warnings = unknown_key_warnings(raw)
     _check_rank_files(source, raw)
-    model = NeoXModelConfig.from_neox_yaml(raw, tp=source.tp, padded_vocab_size=_padded_vocab(manifest, source.tp))
-    return model, raw, {**parameters, **model.rule_parameters()}, []
+    given = normalize_keys(settings, where="--set")
+    model = model_from_neox_yaml(raw, tp=source.tp, padded_vocab_size=_padded_vocab(manifest, source.tp),
+                                 overrides=given)
+    _check_layer_count(source, model, manifest)
+    notes = []
+    history = history_from_evidence(
+        naming=keys.naming,
+        te_modules=model.te_mha or model.te_layernorm_mlp or model.te_columnparallel or model.te_rowparallel,
+        gqa_own_attention=model.is_gqa and not model.te_mha,
+        own_rmsnorm=model.norm == "rmsnorm",
+    )
+    for decision in history:
+        if decision.setting in given or decision.setting in raw:
+            continue  # the user said which
+        model = model.model_copy(update={decision.setting: decision.value})
+        (warnings if decision.warn else notes).append(f"{decision.setting} {decision.value}: {decision.reason}")
+    return NeoXDescription(model, raw, {**parameters, **model.rule_parameters()}, keys, notes, warnings)
+
+
+def _check_layer_count(source: NeoXCheckpoint, model: NeoXModelConfig, manifest: Mapping[str, Any]) -> None:
+    """A config whose num-layers disagrees with where the final norm sits (pipeline layer L+3)
+    describes another model: say so before anything sizes work by it."""
+    final = {parse_neox_key(k).idx for k in manifest if parse_neox_key(k).key.startswith("norm.")}
+    if len(final) == 1 and (found := final.pop() - 3) != model.num_layers:
+        raise CheckpointError(
+            f"the config says num-layers {model.num_layers}, but the checkpoint's final norm is at pipeline layer "
+            f"{found + 3}, i.e. after {found} transformer layers",
+            where=source.path,
+            hint="pass the config this checkpoint was saved with (--config)",
+        )
 
 
 def _check_rank_files(source: NeoXCheckpoint, raw: Mapping[str, Any]) -> None:
@@ -378,6 +468,7 @@ def _prepare_hf_to_neox(
     config_files: Sequence[str | Path],
     tp: int | None,
     overrides: Mapping[str, int],
+    settings: Mapping[str, Any],
 ) -> Prepared:
     if source.config is None:
         raise CheckpointError(
@@ -385,7 +476,7 @@ def _prepare_hf_to_neox(
             hint="converting to NeoX needs the model's config.json",
         )
     notes: list[str] = []
-    record = _read_record(source.path)
+    record = read_record(source.path)
     target = _hf_target(source)
     if rules is not None:
         forward = _load(rules)
@@ -409,19 +500,26 @@ def _prepare_hf_to_neox(
             hint="pick a rule set for this architecture (`mapper rules list`)",
         )
 
-    out_tp = tp or (record or {}).get("parameters", {}).get("tp") or 1
+    out_tp = tp or (record.parameters.get("tp") if record else None) or 1
     _check_tp(source, out_tp)
     saved_yaml = source.path / NEOX_CONFIG_FILE
     files = [Path(p) for p in config_files] or ([saved_yaml] if saved_yaml.is_file() else [])
     raw = load_neox_yaml(files) if files else {}
-    hf_vocab = int(source.config["vocab_size"])
+    hf_vocab = source.config.get("vocab_size")
+    if not isinstance(hf_vocab, int) or isinstance(hf_vocab, bool) or hf_vocab <= 0:
+        raise CheckpointError(f"config.json: vocab_size must be a positive integer, got {hf_vocab!r}",
+                              where=source.path / "config.json", hint="fix config.json (the rows of the embedding)")
     if raw:
         raw = {**raw, "model_parallel_size": out_tp}
         model = NeoXModelConfig.from_neox_yaml(raw, tp=out_tp, padded_vocab_size=_repadded(raw, hf_vocab, out_tp))
     else:
         model = NeoXModelConfig.from_hf_config(source.config, tp=out_tp)
-    variant = {k: v for k, v in forward.variant.items() if k in NeoXModelConfig.model_fields}
-    model = model.model_copy(update=variant)
+    _check_hf_layer_count(source, model)
+    recorded = record.settings if record else {}
+    given = {**{k: v for k, v in recorded.items() if k in HISTORY_SETTINGS}, **normalize_keys(settings, where="--set")}
+    model = apply_variant(model, forward.variant)
+    if given:
+        model = validated({**model.model_dump(), **given}, where="--set")
     parameters = {**model.rule_parameters(), "tp": out_tp}
     if hf_vocab != model.vocab_size:
         parameters["trim_vocab"] = hf_vocab
@@ -436,6 +534,20 @@ def _prepare_hf_to_neox(
         {**model.to_neox_yaml(), **_hyphenated(raw)} if raw else model.to_neox_yaml(),
         sidecar=sidecar, notes=notes,
     )
+
+
+def _check_hf_layer_count(source: HFCheckpoint, model: NeoXModelConfig) -> None:
+    """config.json's num_hidden_layers must match the layers the weights hold (checked before
+    anything sizes work by it: a hostile or stale config may say a million)."""
+    found = {int(m.group(1)) for key in source.manifest() if (m := _HF_LAYER.search(key))}
+    if found and max(found) + 1 != model.num_layers:
+        raise CheckpointError(
+            f"config.json says num_hidden_layers {model.num_layers}, but the weights hold {max(found) + 1} layers",
+            where=source.path / "config.json", hint="fix config.json (or pass the model's own) and convert again",
+        )
+
+
+_HF_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
 def _hf_target(source: HFCheckpoint) -> str:
@@ -479,28 +591,15 @@ def recorded_rules(folder: Path) -> RuleSet:
     saved = folder / RULES_FILE
     if saved.is_file():
         return load_rules(saved)
-    record = _read_record(folder)
+    record = read_record(folder)
     if record is None:
         raise CheckpointError(f"{folder} was not written by mapper (no {RECORD_FILE})", where=folder,
                               hint="name the rule set with --rules")
-    return load_rules(record["rules"])
-
-
-def _read_record(folder: Path) -> dict[str, Any] | None:
-    path = folder / RECORD_FILE
-    if not path.is_file():
-        return None
-    try:
-        record = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise CheckpointError(f"cannot read {RECORD_FILE}: {error}", where=path, hint="delete it or fix it") from None
-    if not isinstance(record, dict) or "rules" not in record:
-        raise CheckpointError(f"{RECORD_FILE} does not name a rule set", where=path, hint="delete it or fix it")
-    return record
+    return load_rules(record.rules)
 
 
 def _read_sidecar(
-    folder: Path, forward: RuleSet, record: Mapping[str, Any] | None, out_tp: int, notes: list[str]
+    folder: Path, forward: RuleSet, record: ConversionRecord | None, out_tp: int, notes: list[str]
 ) -> Sidecar | None:
     paths = sorted(folder.glob("mapper-sidecar*.safetensors"))
     if not paths:
@@ -515,7 +614,7 @@ def _read_sidecar(
         sidecar.entries.update(part.entries)
         if part.dropped is not None:
             sidecar.dropped = (sidecar.dropped or set()) | part.dropped
-    source_tp = (record or {}).get("parameters", {}).get("tp")
+    source_tp = record.parameters.get("tp") if record else None
     if source_tp is not None and source_tp != out_tp:
         notes.append(f"sidecar not used: it holds rank-level tensors of TP={source_tp}, the output has TP={out_tp}")
         return None

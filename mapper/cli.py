@@ -54,6 +54,7 @@ RulesOpt = Annotated[Optional[str], typer.Option("--rules", "-r", help="Rule set
 ConfigOpt = Annotated[Optional[list[Path]], typer.Option("--config", "-c", help="NeoX YAML config file(s), merged as NeoX merges them. Default: the checkpoint's configs/.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
 ParamOpt = Annotated[Optional[list[str]], typer.Option("--param", "-p", help="Set a rule-set parameter, NAME=INT (overrides the config).")]
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override a NeoX config setting, KEY=VALUE (e.g. te_mha=true, rms-norm-epsilon=1e-6, gqa_layout=pre-1315).")]
 
 
 @app.callback()
@@ -83,6 +84,28 @@ def _params(values: list[str] | None) -> dict[str, int]:
         except ValueError:
             raise MapperError(f"--param {item!r}: {value!r} is not an integer", hint="e.g. --param tp=2") from None
     return params
+
+
+def _settings(values: list[str] | None) -> dict[str, Any]:
+    """``--set key=value``: values read as YAML scalars (true, 1e-6, 8, te_layernorm)."""
+    settings: dict[str, Any] = {}
+    for item in values or []:
+        name, sep, text = item.partition("=")
+        if not sep or not name.strip():
+            raise MapperError(f"--set {item!r} is not KEY=VALUE", hint="e.g. --set te_mha=true")
+        value: Any = text.strip()
+        lowered = value.lower()
+        if lowered in ("true", "false"):
+            value = lowered == "true"
+        else:
+            for parse in (int, float):
+                try:
+                    value = parse(value)
+                    break
+                except ValueError:
+                    continue
+        settings[name.strip()] = value
+    return settings
 
 
 def _size(text: str) -> int:
@@ -127,10 +150,12 @@ def _print_json(data: Any) -> None:
     sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
 
 
-def _notes(notes: list[str], *, as_json: bool) -> None:
+def _notes(notes: list[str], *, as_json: bool, warnings: list[str] = ()) -> None:  # type: ignore[assignment]
+    console = err if as_json else out
+    for warning in warnings:  # shown even with --quiet: each asks a person to check something
+        err.print(f"[yellow]warning:[/yellow] {escape(warning)}")
     if STATE.quiet:
         return
-    console = err if as_json else out
     for note in notes:
         console.print(f"[dim]note:[/dim] {escape(note)}")
 
@@ -187,14 +212,18 @@ def convert(
     part: Annotated[Optional[str], typer.Option("--part", help="Convert only part I/N (a job array on machines sharing a filesystem); then run `mapper finalize OUT`.")] = None,
     average_replicas: Annotated[bool, typer.Option("--average-replicas", help="Average replicated tensors that differ across TP ranks instead of refusing (lossy).")] = False,
     param: ParamOpt = None,
+    set_: SetOpt = None,
+    strict: Annotated[bool, typer.Option("--strict", help="Refuse settings HF can only approximate (e.g. TE LayerNormMLP's fixed eps) instead of converting and recording them.")] = False,
+    force_rules: Annotated[bool, typer.Option("--force-rules", help="Use --rules even when its variant contradicts the config (its settings win).")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Convert a checkpoint: NeoX -> HF, or HF -> NeoX (the rule set's inverse)."""
     from mapper.checkpoints import convert_checkpoint, prepare
 
     ready = prepare(src, rules=rules, config_files=config or [], tp=tp, trim_vocab=trim_vocab, parameters=_params(param),
+                    settings=_settings(set_), strict=strict, force_rules=force_rules,
                     background_checks=True)  # convert_checkpoint waits for them before committing
-    _notes(ready.notes, as_json=as_json)
+    _notes(ready.notes, as_json=as_json, warnings=ready.warnings)
     if not as_json and not STATE.quiet:
         direction = "NeoX -> HF" if ready.direction == "neox-to-hf" else "HF -> NeoX"
         out.print(f"{direction} with rule set [bold]{ready.forward_rules.name}[/bold] {ready.forward_rules.version}"
@@ -215,6 +244,8 @@ def convert(
         "files": result.report.groups,
         "sidecar_entries": len(result.report.sidecar),
         "notes": ready.notes,
+        "warnings": ready.warnings,
+        "approximations": [a.model_dump() for a in ready.approximations],
     }
     if as_json:
         _print_json(summary)
@@ -224,7 +255,8 @@ def convert(
         out.print(f"[green]wrote[/green] {result.output}: {result.report.tensors} tensors, "
                   f"{result.report.bytes_written / 1e6:.1f} MB in {result.report.groups} file(s)")
         if ready.direction == "neox-to-hf" and not STATE.quiet:
-            out.print(f"next: mapper verify {src} {result.output}")
+            options = [f"--config {path}" for path in config or []] + [f"--set {item}" for item in set_ or []]
+            out.print(" ".join(["next: mapper verify", str(src), str(result.output), *options]))
 
 
 @app.command()
@@ -246,6 +278,7 @@ def plan(
     tp: Annotated[Optional[int], typer.Option("--tp", help="TP degree of a NeoX output.", min=1)] = None,
     trim_vocab: Annotated[Optional[int], typer.Option("--trim-vocab", min=1)] = None,
     param: ParamOpt = None,
+    set_: SetOpt = None,
     max_shard_size: Annotated[str, typer.Option("--max-shard-size")] = "5GB",
     as_json: JsonOpt = False,
 ) -> None:
@@ -253,7 +286,8 @@ def plan(
     from mapper.checkpoints import prepare
 
     try:
-        ready = prepare(src, rules=rules, config_files=config or [], tp=tp, trim_vocab=trim_vocab, parameters=_params(param))
+        ready = prepare(src, rules=rules, config_files=config or [], tp=tp, trim_vocab=trim_vocab, parameters=_params(param),
+                        settings=_settings(set_))
     except MapperError as error:
         from mapper.errors import CompileError
 
@@ -272,7 +306,7 @@ def plan(
     for row in the_plan.rows():
         table.add_row(escape(row["sources"]), escape(" -> ".join(row["ops"])), escape(row["target"]), row["meta"])
     out.print(table)
-    _notes(ready.notes, as_json=False)
+    _notes(ready.notes, as_json=False, warnings=ready.warnings)
     out.print(
         f"{summary['source_tensors']} source tensors ({summary['source_bytes'] / 1e6:.1f} MB) -> "
         f"{summary['target_tensors']} target tensors ({summary['target_bytes'] / 1e6:.1f} MB) in "
@@ -291,13 +325,14 @@ def _problems_table(error: Any) -> None:
 def detect(
     path: Annotated[Path, typer.Argument(metavar="PATH", help="NeoX checkpoint or HF folder.")],
     config: ConfigOpt = None,
+    set_: SetOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Name the rule set that fits a checkpoint, with the evidence (refuses when two fit)."""
+    """Name the rule set that fits a checkpoint, its TE switches and the parts of the rule set they turn on."""
     from mapper.checkpoints import detect_checkpoint
-    from mapper.detect import require_single
+    from mapper.detect import require_single, rule_set_parts
 
-    detection = detect_checkpoint(path, config_files=config or [])
+    detection = detect_checkpoint(path, config_files=config or [], settings=_settings(set_))
     if as_json:
         _print_json(detection.summary())
     else:
@@ -306,9 +341,25 @@ def detect(
             why = candidate.reasons[0].splitlines()[0] if candidate.reasons else ", ".join(candidate.unused_optional) or "-"
             table.add_row(candidate.rules.name, "[green]yes[/green]" if candidate.fits else "no", escape(why))
         out.print(table)
+    for conflict in detection.conflicts:
+        err.print(f"[yellow]warning:[/yellow] {escape(conflict)}")
     chosen = require_single(detection, f"cannot tell which rule set fits {path}")
     if not as_json:
         out.print(f"[bold]{chosen.name}[/bold] {chosen.version}: {escape(chosen.description.strip())}")
+        switches = ", ".join(f"{k}={'on' if v else 'off'}" for k, v in detection.switches().items())
+        if switches:
+            out.print(f"  switches: {switches}")
+        plan_ = detection.chosen.plan if detection.chosen else None
+        if plan_ is not None:
+            parts = rule_set_parts(chosen, plan_.parameters)
+            out.print("  parts that apply:")
+            for name in (name for name, on in parts if on):
+                out.print(f"    {escape(name)}")
+            off = [name for name, on in parts if not on]
+            if off:
+                out.print("  parts switched off:")
+                for name in off:
+                    out.print(f"    {escape(name)}")
         for line in detection.chosen.evidence() if detection.chosen else []:
             out.print(f"  evidence: {escape(line)}")
 
@@ -407,19 +458,23 @@ def diff(
 # --- rules ---------------------------------------------------------------------------------
 @rules_app.command("list")
 def rules_list(as_json: JsonOpt = False) -> None:
-    """The shipped rule sets with versions and the variants they convert."""
-    from mapper.detect import builtin_rule_sets
+    """The shipped rule sets with versions, the variants they convert and the switches they follow."""
+    from mapper.spec.catalog import builtin_rule_sets, describe_variant, switches_followed
 
     found = builtin_rule_sets()
     if as_json:
-        _print_json([{"name": r.name, "version": r.version, "source": r.source, "target": r.target,
-                      "variant": r.variant, "description": r.description.strip()} for r in found])
+        _print_json([{"name": r.name, "version": r.version, "kind": r.kind, "source": r.source, "target": r.target,
+                      "variant": r.variant, "switches": switches_followed(r), "description": r.description.strip()}
+                     for r in found])
         return
-    table = _table("shipped rule sets", "name", "version", "source -> target", "variant")
+    table = _table("shipped rule sets", "name", "version", "source -> target", "for (variant)", "switches it follows")
     for r in found:
-        variant = ", ".join(f"{k}={v}" for k, v in r.variant.items())
-        table.add_row(r.name, r.version or "", f"{r.source} -> {r.target}", variant)
+        kind = " (preset)" if r.kind == "preset" else ""
+        table.add_row(r.name + kind, r.version or "", f"{r.source} -> {r.target}", describe_variant(r.variant),
+                      ", ".join(switches_followed(r)) or "-")
     out.print(table)
+    out.print("A preset is a rule set with some switches fixed (a name kept for a common setup); detection "
+              "picks the full rule set and reads the switches from the config.")
 
 
 @rules_app.command("show")
@@ -440,17 +495,21 @@ def rules_show(
     out.print(f"[bold]{ruleset.name}[/bold] {ruleset.version}: {ruleset.source} -> {ruleset.target}"
               + (" (inverted)" if ruleset.inverted else ""))
     out.print(escape(ruleset.description.strip()))
+    if ruleset.variant:
+        from mapper.spec.catalog import describe_variant
+
+        out.print(f"for: {escape(describe_variant(ruleset.variant))}")
     if ruleset.parameters:
         out.print("parameters: " + ", ".join(
             f"{k}" + (f"={p.default}" if p.default is not None else f"={p.expr}" if p.expr else "") for k, p in ruleset.parameters.items()))
     out.print("placeholders: " + ", ".join(f"{k}: {v}" for k, v in ruleset.placeholders.items()))
-    table = _table(None, "id", "op", "from", "to", "when / note")
-    for op in ruleset.ops:
-        source = ", ".join(op.input_patterns())
-        target = ", ".join(op.output_patterns())
-        extra = " / ".join(x for x in (op.when and f"when {op.when}", op.note) if x)
-        table.add_row(escape(op.id or ""), escape(op.describe()), escape(source), escape(target), escape(extra))
-    out.print(table)
+    for op in ruleset.ops:  # one short block per rule: long patterns and conditions stay readable
+        source, target = ", ".join(op.input_patterns()), ", ".join(op.output_patterns())
+        out.print(f"[bold]{escape(op.id or '')}[/bold]  {escape(op.describe())}")
+        out.print(f"    {escape(source or '(nothing)')} -> {escape(target or '(dropped)')}")
+        for label, value in (("when", op.when), ("note", op.note), ("at", ruleset.origin(op.id))):
+            if value:
+                out.print(f"    {label}: {escape(value)}")
 
 
 @rules_app.command("validate")

@@ -1,11 +1,14 @@
-"""Which shipped rule set fits a checkpoint, and why.
+"""Which shipped rule set converts a checkpoint, and why.
 
-A rule set *fits* when it compiles against the checkpoint's manifest: every tensor consumed,
-every required rule matched, every shape right. That is the same proof a conversion needs, so
-detection cannot pick a rule set that would then fail. Several may fit when optional rules
-(FP8 ``_extra_state``, biases, an untied output layer) hide a difference; the one leaving
-fewest optional rules unused is the most specific. A tie, or a model config contradicting the
-rule set's declared ``variant``, is reported with every candidate instead of guessed.
+One rule set per source -> target architecture pair (plus one for the legacy MLP names) covers
+every mix of NeoX's independent Transformer Engine switches: its fragments are switched on by
+the switch parameters, which come from the model config. So detection reads the config and lets
+the keys confirm it: the candidates are the rule sets whose ``variant`` the config allows (the
+architecture), and one *fits* when it compiles against the manifest with the config's parameters
+(every tensor consumed, every required rule matched, every shape right) -- the same proof a
+conversion needs. When none fits, the keys are read for what the config may have wrong
+(:mod:`mapper.configs.switches`) and that is what the error says. Without a config, the switches
+are taken from the keys.
 """
 
 from __future__ import annotations
@@ -15,13 +18,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mapper.configs import NeoXModelConfig
+from mapper.configs.switches import KeyEvidence, contradictions, evidence_from_keys
 from mapper.engine import Plan, compile_plan
 from mapper.errors import CompileError, MapperError
-from mapper.spec import RuleSet, builtin_rule_files, load_rule_file
+from mapper.spec import RuleSet
+from mapper.spec.catalog import builtin_rule_sets
 from mapper.tensors import Manifest
-
-# NeoXModelConfig fields a rule set's `variant` may pin down (others are descriptive only).
-_CONFIG_FIELDS = ("norm", "te_mha", "te_layernorm_mlp", "te_columnparallel", "te_rowparallel")
 
 
 @dataclass
@@ -53,14 +55,22 @@ class Candidate:
 
 @dataclass
 class Detection:
-    """The chosen rule set (when one stands out) and every candidate tried."""
+    """The chosen rule set (when one stands out), every candidate tried, and what the keys show."""
 
     chosen: Candidate | None
     candidates: list[Candidate]
+    keys: KeyEvidence | None = None
+    conflicts: list[str] = field(default_factory=list)  # config vs keys
 
     def summary(self) -> dict[str, Any]:
+        chosen = self.chosen
         return {
-            "chosen": self.chosen.rules.name if self.chosen else None,
+            "chosen": chosen.rules.name if chosen else None,
+            "switches": self.switches(),
+            "parts": None if chosen is None or chosen.plan is None else [
+                {"fragment": name, "applies": on} for name, on in rule_set_parts(chosen.rules, chosen.plan.parameters)
+            ],
+            "config_vs_keys": self.conflicts,
             "candidates": [
                 {
                     "rules": c.rules.name, "fits": c.fits, "reasons": c.reasons[:5],
@@ -70,11 +80,49 @@ class Detection:
             ],
         }
 
+    def switches(self) -> dict[str, Any]:
+        """The TE switches the conversion uses (from the config, else from the keys)."""
+        plan = self.chosen.plan if self.chosen is not None else None
+        if plan is not None:
+            p = plan.parameters
+            return {name: bool(p[name]) for name in ("te_norm", "te_mha", "te_layernorm_mlp", "te_columnparallel",
+                                                     "te_rowparallel") if name in p}
+        return dict(self.keys.switches) if self.keys is not None else {}
 
-def builtin_rule_sets(source: str | None = None, target: str | None = None) -> list[RuleSet]:
-    """The shipped rule sets, optionally only those converting from ``source`` / to ``target``."""
-    found = [load_rule_file(path) for path in builtin_rule_files().values()]
-    return [r for r in found if (source is None or r.source == source) and (target is None or r.target == target)]
+
+def variant_conflicts(variant: Mapping[str, Any], model: NeoXModelConfig) -> list[str]:
+    """Where a model contradicts a rule set's ``variant`` (keys that are no model setting are descriptive)."""
+    found = []
+    for name, wanted in variant.items():
+        if name not in NeoXModelConfig.model_fields:
+            continue
+        allowed = wanted if isinstance(wanted, list) else [wanted]
+        have = getattr(model, name)
+        if have not in allowed:
+            found.append(f"the model config has {name}: {have!r}, the rule set is for "
+                         + " or ".join(repr(a) for a in allowed))
+    return found
+
+
+def apply_variant(model: NeoXModelConfig, variant: Mapping[str, Any]) -> NeoXModelConfig:
+    """The model with the settings a rule set's ``variant`` fixes (single values only)."""
+    fixed = {k: v for k, v in variant.items() if k in NeoXModelConfig.model_fields and not isinstance(v, list)}
+    return NeoXModelConfig(**{**model.model_dump(), **fixed}) if fixed else model
+
+
+def rule_set_parts(rules: RuleSet, parameters: Mapping[str, int]) -> list[tuple[str, bool]]:
+    """Each file the rule set's rules come from, and whether any of its rules applies with these parameters."""
+    parts: dict[str, bool] = {}
+    for op in rules.ops:
+        origin = rules.origin(op.id) or (op.id or "").split("#")[0]
+        name = origin.split(" (")[0].rsplit(":", 1)[0]
+        name = name.split("/rules/", 1)[-1]
+        try:
+            active = op.active(parameters)
+        except MapperError:
+            active = False
+        parts[name] = parts.get(name, False) or active
+    return list(parts.items())
 
 
 def detect(
@@ -84,17 +132,20 @@ def detect(
     model: NeoXModelConfig | None = None,
     candidates: list[RuleSet] | None = None,
 ) -> Detection:
-    """Try every candidate (default: shipped NeoX rule sets) and pick the one that fits best."""
-    tried = [_try(rules, manifest, parameters, model) for rules in (candidates or builtin_rule_sets(source="neox"))]
+    """Try every candidate (default: the shipped NeoX rule sets, presets aside) and pick the one that fits."""
+    keys = evidence_from_keys(manifest)
+    tried = [_try(rules, manifest, parameters, model)
+             for rules in (candidates or builtin_rule_sets(source="neox", presets=False))]
     fitting = sorted((c for c in tried if c.fits), key=lambda c: len(c.unused_optional))
     chosen = None
     if fitting and (len(fitting) == 1 or len(fitting[0].unused_optional) < len(fitting[1].unused_optional)):
         chosen = fitting[0]
-    return Detection(chosen, tried)
+    conflicts = contradictions(model.model_dump(), keys) if model is not None else []
+    return Detection(chosen, tried, keys, conflicts)
 
 
 def require_single(detection: Detection, what: str) -> RuleSet:
-    """The chosen rule set, or an error listing the candidates and why each was not taken."""
+    """The chosen rule set, or an error saying why none (or several) fit."""
     if detection.chosen is not None:
         return detection.chosen.rules
     fitting = [c for c in detection.candidates if c.fits]
@@ -104,7 +155,15 @@ def require_single(detection: Detection, what: str) -> RuleSet:
             f"{what}: {len(fitting)} rule sets fit and none stands out: {names}",
             hint="name one with --rules (`mapper rules show NAME` describes each)",
         )
-    lines = "\n".join(f"  - {c.rules.name}: {c.reasons[0] if c.reasons else 'does not fit'}" for c in detection.candidates)
+    if detection.conflicts:
+        raise MapperError(
+            f"{what}: the model config contradicts the checkpoint's keys:\n"
+            + "\n".join(f"  - {c}" for c in detection.conflicts),
+            hint="fix the config (the checkpoint's configs/ or --config), or override one setting with "
+            "--set KEY=VALUE (e.g. --set te_mha=true)",
+        )
+    considered = [c for c in detection.candidates if not c.reasons or not c.reasons[0].startswith("the model config")]
+    lines = "\n".join(f"  - {c.rules.name}: {_first_reasons(c)}" for c in considered or detection.candidates)
     raise MapperError(
         f"{what}: no shipped rule set fits this checkpoint\n{lines}",
         hint="`mapper plan SRC --rules NAME` shows every problem for one rule set; a new variant "
@@ -112,14 +171,16 @@ def require_single(detection: Detection, what: str) -> RuleSet:
     )
 
 
+def _first_reasons(candidate: Candidate, count: int = 3) -> str:
+    shown = "; ".join(candidate.reasons[:count]) or "does not fit"
+    more = len(candidate.reasons) - count
+    return shown + (f" (and {more} more)" if more > 0 else "")
+
+
 def _try(rules: RuleSet, manifest: Manifest, parameters: Mapping[str, int], model: NeoXModelConfig | None) -> Candidate:
     candidate = Candidate(rules)
     if model is not None:
-        for name in _CONFIG_FIELDS:
-            if name in rules.variant and rules.variant[name] != getattr(model, name):
-                candidate.reasons.append(
-                    f"the model config has {name}={getattr(model, name)!r}, the rule set is for {rules.variant[name]!r}"
-                )
+        candidate.reasons.extend(variant_conflicts(rules.variant, model))
     if candidate.reasons:
         return candidate  # ruled out by the config: no need to compile
     try:
@@ -136,4 +197,3 @@ def _try(rules: RuleSet, manifest: Manifest, parameters: Mapping[str, int], mode
         if op.optional and op.id not in used and op.active(candidate.plan.parameters)
     ]
     return candidate
-

@@ -94,6 +94,10 @@ def neox_to_hf_llama(t: dict, c: NeoXModelConfig) -> dict[str, torch.Tensor]:
             if te_attn:  # per kv group: [its q heads, k, v]
                 g = w.reshape(nkv, nq // nkv + 2, hd, *w.shape[1:])
                 q, kk, v = g[:, :-2], g[:, -2], g[:, -1]
+            elif c.gqa_layout == "pre-1315":  # NeoX GQA before #1315: per query head [q_h | K slice | V slice]
+                f = hd * nkv // nq
+                g = w.reshape(nq, hd + 2 * f, *w.shape[1:])
+                q, kk, v = g[:, :hd], g[:, hd:hd + f], g[:, hd + f:]
             else:  # NeoX GQA: [Q | K | V]
                 q, kk, v = w.split([nq * hd, nkv * hd, nkv * hd])
             rest = w.shape[1:]
@@ -167,11 +171,22 @@ def test_reference_matches_hf_gpt_neox(tmp_path: Path, variant: str, overrides: 
 
 @pytest.mark.parametrize("variant", ["llama-legacy", "llama-new", "llama-te"])
 def test_reference_matches_hf_llama_with_gqa(tmp_path: Path, variant: str) -> None:
-    config, tensors = synthesize_variant(variant)
+    config, tensors = synthesize_variant(variant, rmsnorm_formula="current")  # HF has only this RMSNorm
     assert config.num_kv_heads < config.num_heads
     model = hf_model(tmp_path, config.to_hf_config("llama"), neox_to_hf_llama(tensors, config))
     ref = neox_forward(tensors, config, IDS)
     assert (ref.logits - hf_logits(model)).abs().max() <= TOL
+
+
+def test_rmsnorm_before_gpt_neox_1345_is_computed_as_it_was_and_hf_only_approximates_it(tmp_path: Path) -> None:
+    """x / (rms + eps) vs x * rsqrt(mean(x^2) + eps): a difference of about eps/rms, small but real."""
+    config, tensors = synthesize_variant("llama-legacy", rms_norm_epsilon=1e-5)
+    assert config.rmsnorm_formula == "pre-1345"
+    model = hf_model(tmp_path, config.to_hf_config("llama"), neox_to_hf_llama(tensors, config))
+    old = neox_forward(tensors, config, IDS).logits
+    new = neox_forward(tensors, config.model_copy(update={"rmsnorm_formula": "current"}), IDS).logits
+    assert (new - hf_logits(model)).abs().max() <= TOL
+    assert 1e-5 < (old - hf_logits(model)).abs().max() <= 1e-3
 
 
 def test_te_layernorm_mlp_matches_hf_only_with_its_own_norm_and_tanh_gelu(tmp_path: Path) -> None:

@@ -331,9 +331,13 @@ def _assemble(ruleset: RuleSet, positions: dict, path: Path, base: Path, stack: 
     """Resolve a validated file's includes and give its rules their ids and origins."""
     where = str(path)
 
-    parts: list[tuple[RuleSet, str]] = [
-        (_resolve(_include_path(base, name, str(path)), stack), str((base / name))) for name in ruleset.include
-    ]
+    parts: list[tuple[RuleSet, str]] = []
+    for entry in ruleset.include:
+        name, when = (entry, None) if isinstance(entry, str) else (entry.path, entry.when)
+        fragment = _resolve(_include_path(base, name, str(path)), stack)
+        if when is not None:
+            fragment = _only_when(fragment, when)
+        parts.append((fragment, str(base / name)))
     own_ids = {}
     own_rules = []
     for index, op in enumerate(ruleset.ops):
@@ -372,6 +376,15 @@ def _assemble(ruleset: RuleSet, positions: dict, path: Path, base: Path, stack: 
         update={"include": [], "rules": rules, "parameters": parameters, "placeholders": placeholders}
     )
     return flat.with_origins(origins)
+
+
+def _only_when(fragment: RuleSet, when: str) -> RuleSet:
+    """The fragment with ``when`` joined to every rule's own condition (a conditional include)."""
+    rules = []
+    for op in fragment.ops:
+        joined = f"({when}) and ({op.when})" if op.when else when
+        rules.append(wrap(op.model_copy(update={"when": joined})))
+    return fragment.model_copy(update={"rules": rules}).with_origins(fragment._origins)
 
 
 def _merge(into: dict, new: Mapping, what: str, source: str, where: str, defined: dict[tuple[str, str], str]) -> None:

@@ -73,6 +73,30 @@ class Parameter(BaseModel):
         return self
 
 
+class Include(BaseModel):
+    """A fragment whose rules apply only when a condition on the parameters holds.
+
+    This is how one rule set covers every mix of independent switches: ``{path:
+    fragments/gpt-neox/names-attention-te.yaml, when: te_mha}`` beside ``{path:
+    fragments/gpt-neox/names-attention.yaml, when: not te_mha}``. The condition joins the ``when``
+    of every rule the fragment brings (``(te_mha) and (gpt_j_residual)``).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    path: str = Field(description="Fragment file, relative to this file.")
+    when: str | None = Field(
+        None, description="Include the fragment's rules only when this expression over parameters is "
+        "true, e.g. 'te_mha' or 'not te_norm and not te_layernorm_mlp'.")
+
+    @field_validator("when")
+    @classmethod
+    def _parses(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse(value)
+        return value
+
+
 Placeholder = Annotated[
     Union[int, str, list[str]],
     Field(
@@ -124,8 +148,10 @@ class RuleSet(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     schema_version: Literal[1] = Field(description="Version of this rule format (always 1).")
-    kind: Literal["ruleset", "fragment"] = Field(
-        "ruleset", description="A fragment is only included by rule sets; it needs no version/source/target."
+    kind: Literal["ruleset", "preset", "fragment"] = Field(
+        "ruleset", description="A fragment is only included by rule sets; it needs no version/source/target. "
+        "A preset is a rule set included whole with some switches fixed by its `variant` (a shipped name "
+        "kept for a common setup); detection picks the full rule set instead."
     )
     name: str = Field(pattern=_NAME, description="Short lower-case name, e.g. 'neox-te-to-hf-gpt-neox'.")
     version: str | None = Field(
@@ -136,16 +162,20 @@ class RuleSet(BaseModel):
     target: str | None = Field(None, description="Format converted to.")
     variant: dict[str, Any] = Field(
         default_factory=dict,
-        description="The model settings this rule set is for (NeoX config keys and values), used "
-        "by `mapper detect` and listed by `mapper rules list`.",
+        description="The model settings this rule set is for (NeoX config keys, `_` spelling, and values; "
+        "a list means any of these values). A model config that contradicts it rules the rule set out "
+        "(`mapper detect`, or an error for `--rules`); for HF -> NeoX it supplies the NeoX settings "
+        "(e.g. `te_mha: true`). Listed by `mapper rules list`.",
     )
     inverted: bool = Field(False, description="True for a rule set produced by invert().")
     parameters: dict[str, Parameter] = Field(default_factory=dict, description="Named integers.")
     placeholders: dict[str, Placeholder] = Field(
         default_factory=dict, description="Placeholders with a range (integers) or choices (strings)."
     )
-    include: list[str] = Field(
-        default_factory=list, description="Fragment files whose rules come first (paths relative to this file)."
+    include: list[str | Include] = Field(
+        default_factory=list,
+        description="Fragment files whose rules come first, in order (paths relative to this file); an "
+        "entry `{path: ..., when: ...}` includes a fragment only when its condition holds.",
     )
     rules: list[Rule] = Field(default_factory=list, description="Ordered rules; each is one op.")
 
@@ -153,7 +183,7 @@ class RuleSet(BaseModel):
 
     @model_validator(mode="after")
     def _header(self) -> RuleSet:
-        if self.kind == "ruleset":
+        if self.kind != "fragment":
             missing = [f for f in ("version", "source", "target") if getattr(self, f) is None]
             if missing:
                 raise ValueError(f"a rule set needs {', '.join(missing)} (or set kind: fragment)")

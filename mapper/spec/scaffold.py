@@ -33,16 +33,20 @@ def scaffold(name: str, base: str, out_dir: Path, *, force: bool = False) -> lis
     clashes = [t for t in targets if t.exists()]
     if clashes and not force:
         raise MapperError(f"{clashes[0]} exists", hint="choose another --out folder, or --force to overwrite")
-    document = yaml.safe_load(sources[0].read_text())
-    document.update(
+    text = sources[0].read_text()
+    document = yaml.safe_load(text)
+    header = {key: document[key] for key in ("schema_version", "kind", "name", "version", "description", "source",
+                                             "target", "variant") if key in document}
+    header.update(
         name=name,
         version="0.1.0",
         description=f"TODO: say which variant this converts (started from {base} {document.get('version')}).",
     )
+    body = text[text.index("\ninclude:") + 1:] if "\ninclude:" in text else ""  # the include list as written
     for source, target in zip(sources, targets):
         target.parent.mkdir(parents=True, exist_ok=True)
         if source == sources[0]:
-            target.write_text(yaml.safe_dump(document, sort_keys=False, width=110))
+            target.write_text(yaml.safe_dump(header, sort_keys=False, width=110) + body)
         else:
             target.write_text(source.read_text())
     load_rule_file(targets[0])  # the scaffold is valid as written

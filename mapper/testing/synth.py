@@ -82,8 +82,10 @@ _VARIANTS: dict[str, Variant] = {
     "te-layernorm": Variant("te-full with norm te_layernorm (input_layernorm.norm.*)", "new",
                             dict(_TE_FULL, norm="te_layernorm")),
     "te-full-fp8": Variant("te-full with non-empty FP8 _extra_state", "new", dict(_TE_FULL), "fp8"),
-    "llama-legacy": Variant("Llama architecture, legacy MLP names mlp.w1/w2/w3, GQA (4 heads, 2 kv)",
-                            "legacy", dict(_LLAMA, mlp_type="llama", intermediate_size=64)),
+    "llama-legacy": Variant("Llama architecture, legacy MLP names mlp.w1/w2/w3, GQA (4 heads, 2 kv) in the "
+                            "QKV layout before gpt-neox #1315, RMSNorm as before #1345", "legacy",
+                            dict(_LLAMA, mlp_type="llama", intermediate_size=64, gqa_layout="pre-1315",
+                                 rmsnorm_formula="pre-1345")),
     "llama-new": Variant("Llama architecture, gated linear1 = [up; gate] per shard, GQA", "new", dict(_LLAMA)),
     "te-rmsnorm": Variant("llama-new with norm te_rmsnorm (input_layernorm.norm.weight)", "new",
                           dict(_LLAMA, norm="te_rmsnorm")),
@@ -94,23 +96,14 @@ _VARIANTS: dict[str, Variant] = {
 
 VARIANTS: dict[str, str] = {name: v.description for name, v in _VARIANTS.items()}
 
-# The shipped rule set that converts each variant (what `mapper detect` must pick).
+# The shipped rule set that converts each variant (what `mapper detect` must pick): one per
+# architecture and MLP naming, whatever the TE switches.
 SHIPPED_RULE_SET: dict[str, str] = {
-    "neox-legacy": "neox-legacy-to-hf-gpt-neox",
-    "neox-new": "neox-to-hf-gpt-neox",
-    "neox-parallel": "neox-to-hf-gpt-neox",
-    "neox-sequential": "neox-to-hf-gpt-neox",
-    "te-mha": "neox-te-mha-to-hf-gpt-neox",
-    "te-lnmlp": "neox-te-lnmlp-to-hf-gpt-neox",
-    "te-full": "neox-te-to-hf-gpt-neox",
-    "te-full-parallel": "neox-te-to-hf-gpt-neox",
-    "te-full-fp8": "neox-te-to-hf-gpt-neox",
-    "te-linear": "neox-te-linear-to-hf-gpt-neox",
-    "te-layernorm": "neox-te-layernorm-to-hf-gpt-neox",
-    "llama-legacy": "neox-llama-legacy-to-hf-llama",
-    "llama-new": "neox-llama-to-hf-llama",
-    "te-rmsnorm": "neox-llama-te-rmsnorm-to-hf-llama",
-    "llama-te": "neox-llama-te-to-hf-llama",
+    name: ("neox-llama-legacy-to-hf-llama" if v.overrides.get("mlp_type") == "llama"
+           else "neox-legacy-to-hf-gpt-neox" if v.naming == "legacy"
+           else "neox-llama-to-hf-llama" if v.overrides.get("activation") == "swiglu"
+           else "neox-to-hf-gpt-neox")
+    for name, v in _VARIANTS.items()
 }
 
 
@@ -400,7 +393,8 @@ def _qkv_rank(config: NeoXModelConfig, q: torch.Tensor, k: torch.Tensor, v: torc
     """Rank ``rank``'s fused QKV rows (weight or bias) in NeoX's or TE's layout.
 
     NeoX MHA: ``[heads_r, 3, hd]``; NeoX GQA: ``[Q_r | K_r | V_r]`` blocks (transformer.py
-    gqa_project); TE: per kv group ``[its q heads, k, v]`` (multi_head_attention.py,
+    gqa_project), before gpt-neox #1315 per query head ``[q_h | K rows h*f.. | V rows h*f..]``
+    (``f = hd * kv / heads``); TE: per kv group ``[its q heads, k, v]`` (multi_head_attention.py,
     qkv_weight_interleaved=True), which for MHA is again ``[heads_r, 3, hd]``.
     """
     tp, hd = config.tp, config.head_dim
@@ -415,6 +409,10 @@ def _qkv_rank(config: NeoXModelConfig, q: torch.Tensor, k: torch.Tensor, v: torc
         return torch.cat(groups).reshape(-1, *rest)
     if not config.is_gqa:
         return torch.stack([qr, kr, vr], dim=1).reshape(-1, *rest)
+    if config.gqa_layout == "pre-1315":
+        f = hd * config.num_kv_heads // config.num_heads
+        ks, vs = kr.reshape(nq, f, *rest), vr.reshape(nq, f, *rest)
+        return torch.cat([qr, ks, vs], dim=1).reshape(-1, *rest)
     return torch.cat([qr.reshape(-1, *rest), kr.reshape(-1, *rest), vr.reshape(-1, *rest)])
 
 

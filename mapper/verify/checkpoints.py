@@ -11,7 +11,8 @@ from pathlib import Path
 
 import torch
 
-from mapper.checkpoints import RECORD_FILE, prepare, recorded_rules
+from mapper.checkpoints import prepare, recorded_rules
+from mapper.record import read_record
 from mapper.errors import CheckpointError, MapperError
 from mapper.hf_models import load_model
 from mapper.spec import RuleSet
@@ -36,9 +37,12 @@ def verify_checkpoints(
     rtol: float | None = None,
 ) -> VerifyReport:
     """Compare a NeoX checkpoint with the HF folder converted from it, layer by layer."""
-    if rules is None and (Path(hf) / RECORD_FILE).is_file():
+    record = read_record(Path(hf))
+    if rules is None and record is not None:
         rules = recorded_rules(Path(hf))
-    prepared = prepare(neox, rules=rules, config_files=config_files)
+    # the conversion's own gpt-neox history settings (e.g. --set gqa_layout=pre-1315), not a fresh guess
+    settings = dict(record.settings) if record is not None else {}
+    prepared = prepare(neox, rules=rules, config_files=config_files, settings=settings)
     if prepared.direction != "neox-to-hf":
         raise MapperError(
             f"{neox} is not a NeoX checkpoint", hint="usage: mapper verify NEOX_CHECKPOINT HF_FOLDER"

@@ -135,6 +135,7 @@ class NormParams:
     weight: Tensor
     bias: Tensor | None
     eps: float
+    formula: Literal["current", "pre-1345"] = "current"  # NeoX's own RMSNorm before gpt-neox #1345
 
 
 def load_norm(layer: LayerTensors, prefix: str, config: NeoXModelConfig, *, eps: float | None = None) -> NormParams:
@@ -150,7 +151,9 @@ def load_norm(layer: LayerTensors, prefix: str, config: NeoXModelConfig, *, eps:
                          (f"{prefix}.scale", f"{prefix}.offset"),
                          (f"{prefix}.weight", f"{prefix}.bias")):
         if layer.has(weight):
-            return NormParams(config.norm_family, layer.replicated(weight), layer.optional_replicated(bias), eps)
+            own_rmsnorm = weight.endswith(".scale")  # TE norms never changed their formula
+            formula = config.rmsnorm_formula if own_rmsnorm else "current"
+            return NormParams(config.norm_family, layer.replicated(weight), layer.optional_replicated(bias), eps, formula)
     raise CheckpointError(f"no norm parameters under {prefix!r}", where=layer.key(prefix + ".*"),
                           hint=f"expected {prefix}.weight, {prefix}.scale or {prefix}.norm.weight")
 
@@ -160,6 +163,10 @@ def apply_norm(x: Tensor, p: NormParams) -> Tensor:
     ``x * rsqrt(mean(x^2) + eps) * weight (+ offset)`` in fp32."""
     if p.family == "layernorm":
         return F.layer_norm(x, (x.shape[-1],), p.weight, p.bias, p.eps)
+    if p.formula == "pre-1345":  # megatron/model/norms.py before #1345: x / (rms + eps), in x's dtype
+        rms = x.norm(2, dim=-1, keepdim=True) * x.shape[-1] ** -0.5
+        out = p.weight * (x / (rms + p.eps))
+        return out if p.bias is None else out + p.bias
     xf = x.float()
     normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + p.eps)
     out = p.weight.float() * normed
@@ -213,6 +220,10 @@ def split_qkv(mixed: Tensor, config: NeoXModelConfig, layout: Literal["neox", "t
     if not config.is_gqa:
         q, k, v = mixed.view(b, s, nq, 3 * hd).split(hd, dim=-1)
         return q, k, v
+    if config.gqa_layout == "pre-1315":  # per query head [q_h | K slice | V slice] (gpt-neox before #1315)
+        f = hd * nkv // nq
+        q, k, v = mixed.view(b, s, nq, hd + 2 * f).split([hd, f, f], dim=-1)
+        return q, k.reshape(b, s, nkv, hd), v.reshape(b, s, nkv, hd)
     q, k, v = mixed.split([nq * hd, nkv * hd, nkv * hd], dim=-1)
     return q.reshape(b, s, nq, hd), k.reshape(b, s, nkv, hd), v.reshape(b, s, nkv, hd)
 

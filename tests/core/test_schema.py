@@ -28,5 +28,5 @@ def test_shipped_rule_sets_are_named_after_their_files():
 
     for name, path in builtin_rule_files().items():
         ruleset = load_rules(path)
-        assert ruleset.name == name and ruleset.kind == "ruleset" and ruleset.version
+        assert ruleset.name == name and ruleset.kind in ("ruleset", "preset") and ruleset.version
         assert ruleset.invert().invert() == ruleset

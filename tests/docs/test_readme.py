@@ -42,32 +42,57 @@ def test_the_rule_format_reference_is_generated_from_the_schema():
     assert embedded == rule_format_reference(), "regenerate it: see tests/docs/test_readme.py"
 
 
-def test_every_shipped_rule_set_is_in_the_supported_variants_table():
-    from mapper.spec import builtin_rule_files
+def test_the_supported_variants_table_is_generated_from_the_rule_sets():
+    from mapper.spec.catalog import supported_variants_markdown
 
-    table = README.split("## Supported variants", 1)[1].split("##", 1)[0]
-    assert {name for name in builtin_rule_files()} == set(re.findall(r"`(neox-[a-z0-9-]+)`", table))
+    start, end = "<!-- supported-variants:start -->\n", "<!-- supported-variants:end -->"
+    embedded = README.split(start, 1)[1].split(end, 1)[0]
+    assert embedded == supported_variants_markdown(), "regenerate it: see tests/docs/test_readme.py"
 
 
-def test_the_new_te_variant_walk_through_works(tmp_path, capsys):
+def _unfused_qkv(tensors: dict, config) -> dict:
+    """The fork of the walk-through: TE attention's Q, K and V stored apart (fuse_qkv_params=False)."""
+    out = {}
+    for key, tensor in tensors.items():
+        name, _, rank = key.partition("@")
+        if ".attention.qkv." not in name or name.endswith("_extra_state"):
+            out[key] = tensor
+            continue
+        prefix, kind = name.rsplit(".", 1)  # layer_XX.attention.qkv, weight|bias
+        rows = tensor.reshape(-1, 3, config.head_dim, *tensor.shape[1:])  # [heads_r, 3, hd, ...]
+        for i, part in enumerate(("query", "key", "value")):
+            out[f"{prefix}.{part}_{kind}@{rank}"] = rows[:, i].reshape(-1, *tensor.shape[1:]).clone()
+    return out
+
+
+def test_the_new_key_layout_walk_through_works(tmp_path, capsys):
     from mapper.testing import synthesize_variant, write_neox_checkpoint
 
-    config, tensors = synthesize_variant("te-mha", tp=2, norm="te_layernorm")
-    checkpoints = write_neox_checkpoint(tensors, config, tmp_path / "checkpoints")
-    assert run_cli("detect", str(checkpoints)) == 2  # no shipped rule set fits
-    assert run_cli("plan", str(checkpoints), "--rules", "neox-te-mha-to-hf-gpt-neox") == 2
-    assert "input_layernorm.norm.weight@rank0: no rule consumes this tensor" in capsys.readouterr().err.replace("\n", "")
+    config, fused = synthesize_variant("te-full", tp=2)
+    checkpoints = write_neox_checkpoint(_unfused_qkv(fused, config), config, tmp_path / "checkpoints")
+    assert run_cli("convert", str(checkpoints), str(tmp_path / "no")) == 2
+    refusal = capsys.readouterr().err.replace("\n", "")
+    assert "attention.qkv.key_bias@rank0: no rule consumes this tensor" in refusal and "matched no key" in refusal
 
-    name = "neox-te-mha-te-norm-to-hf-gpt-neox"
-    assert run_cli("rules", "new", name, "--from", "neox-te-mha-to-hf-gpt-neox", "--out", str(tmp_path / "my-rules")) == 0
+    name = "neox-unfused-qkv-to-hf-gpt-neox"
+    assert run_cli("rules", "new", name, "--from", "neox-to-hf-gpt-neox", "--out", str(tmp_path / "my-rules")) == 0
+    section = README.split("## Walk-through: a rule set for a new key layout", 1)[1].split("\n## ", 1)[0]
+    fragment, include = re.findall(r"```yaml\n(.*?)```", section, re.S)
+    (tmp_path / "my-rules" / "fragments" / "gpt-neox" / "names-attention-te-unfused.yaml").write_text(fragment)
     path = tmp_path / "my-rules" / f"{name}.yaml"
-    edit = yaml.safe_load(re.search(r"swap the two norm fragments.*?```yaml\n(.*?)```", README, re.S).group(1))
-    document = {**yaml.safe_load(path.read_text()), **edit}
-    path.write_text(yaml.safe_dump(document, sort_keys=False))
+    original = "  - {path: fragments/gpt-neox/names-attention-te.yaml, when: te_mha}\n"
+    assert original in path.read_text()  # the include list as the shipped file writes it
+    path.write_text(path.read_text().replace(original, include.split("#")[0].rstrip() + "\n"))
 
-    assert run_cli("rules", "validate", str(path)) == 0
-    assert run_cli("convert", str(checkpoints), str(tmp_path / "hf-model"), "--rules", str(path), "-q") == 0
-    assert run_cli("verify", str(checkpoints), str(tmp_path / "hf-model")) == 0
-    assert "verdict: OK" in capsys.readouterr().out
+    commands = [line.split("#")[0].split() for line in re.search(r"```sh\nmapper rules validate(.*?)```", section, re.S)
+                .group(0).splitlines()[1:-1]]
+    for command in commands:
+        args = [arg.replace("my-rules/", f"{tmp_path}/my-rules/").replace("checkpoints/", f"{checkpoints}/")
+                .replace("hf-model/", f"{tmp_path}/hf-model/") for arg in command[1:]]
+        assert run_cli(*args) == 0, command
+    # the fork's conversion is the HF model the shipped rules make of the stock (fused) checkpoint
+    stock = write_neox_checkpoint(fused, config, tmp_path / "stock")
+    assert run_cli("convert", str(stock), str(tmp_path / "hf-stock"), "-q") == 0
+    assert run_cli("diff", str(tmp_path / "hf-model"), str(tmp_path / "hf-stock")) == 0
     assert run_cli("convert", str(tmp_path / "hf-model"), str(tmp_path / "back"), "-q") == 0
     assert run_cli("diff", str(checkpoints), str(tmp_path / "back")) == 0

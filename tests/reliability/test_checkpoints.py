@@ -128,7 +128,14 @@ def test_legacy_and_new_names_mixed_in_one_checkpoint_are_refused(tmp_path: Path
 
 def test_a_rule_set_for_another_architecture_is_refused(neox: Path, out: Path) -> None:
     refused_without_trace(
-        ["convert", neox, out, "--rules", "neox-llama-to-hf-llama"], CompileError, out, neox,
+        ["convert", neox, out, "--rules", "neox-llama-to-hf-llama"], MapperError, out, neox,
+        names=["neox-llama-to-hf-llama"], says=["is for another model", "norm: 'layernorm'", "--force-rules"],
+    )
+
+
+def test_a_rule_set_for_another_architecture_forced_is_still_refused_by_the_keys(neox: Path, out: Path) -> None:
+    refused_without_trace(
+        ["convert", neox, out, "--rules", "neox-llama-to-hf-llama", "--force-rules"], CompileError, out, neox,
         names=["layer_05.norm.bias@rank0"], says=["no rule consumes"],
     )
 

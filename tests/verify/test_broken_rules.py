@@ -177,6 +177,7 @@ def test_neox_gqa_blocks_read_as_te_groups(rule_copy, convert) -> None:
     path = rule_copy.edit(fragment, '"layer_{i+2:02d}.attention.qkv.{wb}@rank{r}"',
                           '"layer_{i+2:02d}.attention.query_key_value.{wb}@rank{r}"')
     rule_copy.edit(fragment, '"layer_{i+2:02d}.attention.proj.{wb}@rank{r}"', '"layer_{i+2:02d}.attention.dense.{wb}@rank{r}"')
+    rule_copy.edit("neox-llama-to-hf-llama.yaml", "  - {path: fragments/llama/names-attention-te.yaml, when: te_mha}\n", "")
     rule_copy.edit("neox-llama-to-hf-llama.yaml", "fragments/llama/names-attention.yaml",
                    "fragments/llama/names-attention-te.yaml")
     rules = mapper.load_rules(rule_copy.path("neox-llama-to-hf-llama"))

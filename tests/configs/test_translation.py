@@ -10,7 +10,7 @@ import torch
 import yaml
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from mapper.configs import NeoXModelConfig, load_neox_yaml, pad_vocab_size
+from mapper.configs import NeoXModelConfig, load_neox_yaml, pad_vocab_size, unknown_key_warnings
 from mapper.errors import MapperError
 from mapper.testing import tiny_config
 
@@ -171,7 +171,10 @@ def test_neox_yaml_round_trip(tmp_path: Path, variant: str) -> None:
     text = path.read_text()
     assert "num-attention-heads" in text and "num_attention_heads" not in text
     again = NeoXModelConfig.from_neox_yaml(load_neox_yaml([path]))
-    assert again == config
+    # the tokenizer knows the vocabulary, mapper.json the code history: not NeoX keys
+    assert again == config.model_copy(update={"orig_vocab_size": None, "gqa_layout": "current",
+                                              "rmsnorm_formula": "current"})
+    assert not unknown_key_warnings(load_neox_yaml([path]))  # NeoX refuses keys it does not know
 
 
 # ---- config <-> HF config.json -----------------------------------------------------------------
@@ -241,7 +244,6 @@ def test_hidden_act_exact_or_tanh(variant: str, overrides: dict, act: str) -> No
         ("llama-new", "llama", {"rotary_pct": 0.5}, "rotary-pct"),
         ("llama-new", "llama", {"gpt_j_residual": True}, "gpt-j-residual"),
         ("neox-new", "llama", {}, "RMSNorm"),
-        ("te-lnmlp", "gpt_neox", {"layernorm_epsilon": 1e-6}, "eps"),
     ],
 )
 def test_unrepresentable_settings_raise_before_any_tensor_is_read(
@@ -252,6 +254,33 @@ def test_unrepresentable_settings_raise_before_any_tensor_is_read(
         config.to_hf_config(arch)
     text = str(err.value)
     assert says in text and "cannot be represented" in text and "hint:" in text
+
+
+@pytest.mark.parametrize(
+    ("variant", "arch", "overrides", "setting", "hf_eps"),
+    [("te-lnmlp", "gpt_neox", {"layernorm_epsilon": 1e-6}, "post_attention_layernorm eps", 1e-6),
+     ("llama-te", "llama", {"rms_norm_epsilon": 1e-6}, "post_attention_layernorm eps", 1e-6),
+     ("llama-new", "llama", {"rmsnorm_formula": "pre-1345"}, "RMSNorm formula", 1e-6)],
+)
+def test_approximations_convert_with_the_closest_setting_and_strict_refuses_them(
+    variant: str, arch: str, overrides: dict, setting: str, hf_eps: float
+) -> None:
+    from mapper.configs import approximations
+
+    config = tiny_config(variant, **overrides)
+    (found,) = approximations(config, arch)
+    assert found.setting == setting and found.neox and found.hf and "verify" in found.effect
+    hf = config.to_hf_config(arch)
+    assert hf["layer_norm_eps" if arch == "gpt_neox" else "rms_norm_eps"] == hf_eps
+    with pytest.raises(MapperError, match="--strict refuses approximations"):
+        config.to_hf_config(arch, strict=True)
+
+
+def test_te_layernorm_mlp_with_the_default_eps_is_exact() -> None:
+    from mapper.configs import approximations
+
+    assert approximations(tiny_config("te-full"), "gpt_neox") == []
+    assert approximations(tiny_config("llama-te"), "llama") == []  # rms_norm_epsilon 1e-8 = TE's fixed eps
 
 
 def test_all_problems_are_listed_at_once() -> None:

@@ -1,0 +1,51 @@
+"""The shipped rule sets as a catalog: which there are, what each is for, which switches it follows.
+
+``mapper rules list`` prints it; the README's "Supported variants" table is generated from it
+(``tests/docs/test_readme.py`` checks it is current).
+"""
+
+from __future__ import annotations
+
+from mapper.expressions import parse
+from mapper.spec import builtin_rule_files, load_rule_file
+from mapper.spec.models import RuleSet
+
+# Parameters that switch parts of a rule set on or off (the rest are sizes).
+SWITCH_PARAMETERS = ("te_norm", "te_mha", "te_layernorm_mlp", "te_columnparallel", "te_rowparallel",
+                     "gpt_j_residual", "gqa_pre_1315")
+
+
+def builtin_rule_sets(source: str | None = None, target: str | None = None, *, presets: bool = True) -> list[RuleSet]:
+    """The shipped rule sets, optionally only those converting from ``source`` / to ``target``."""
+    found = [load_rule_file(path) for path in builtin_rule_files().values()]
+    return [r for r in found if (source is None or r.source == source) and (target is None or r.target == target)
+            and (presets or r.kind != "preset")]
+
+
+def switches_followed(ruleset: RuleSet) -> list[str]:
+    """The switch parameters whose value turns parts of ``ruleset`` on or off."""
+    used: set[str] = set()
+    for op in ruleset.ops:
+        if op.when:
+            used |= parse(op.when).names
+    return [name for name in SWITCH_PARAMETERS if name in used]
+
+
+def describe_variant(variant: dict) -> str:
+    """``norm=layernorm|te_layernorm, te_mha=true``."""
+    def value(v: object) -> str:
+        if isinstance(v, list):
+            return "|".join(map(value, v))
+        return str(v).lower() if isinstance(v, bool) else str(v)
+
+    return ", ".join(f"{k}={value(v)}" for k, v in variant.items())
+
+
+def supported_variants_markdown() -> str:
+    """The README's table of shipped rule sets, generated from the rule files."""
+    rows = ["| rule set | converts | for | switches it follows |", "|---|---|---|---|"]
+    for r in sorted(builtin_rule_sets(), key=lambda r: (r.kind == "preset", r.target or "", r.name)):
+        kind = " (preset)" if r.kind == "preset" else ""
+        followed = ", ".join(f"`{s}`" for s in switches_followed(r)) if r.kind != "preset" else "fixed by its variant"
+        rows.append(f"| `{r.name}`{kind} | {r.source} → {r.target} | {describe_variant(r.variant)} | {followed or '-'} |")
+    return "\n".join(rows) + "\n"
