@@ -266,6 +266,26 @@ def test_tiktoken_special_tokens_keep_their_ids_across_gaps(tmp_path: Path) -> N
     assert any("not tiktoken's cl100k_base file" in note for note in plan.notes)  # a small file, not OpenAI's
 
 
+def test_a_tiktoken_encoding_that_would_fetch_a_file_is_a_warning_and_fetches_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import tiktoken.load
+    import tiktoken.registry
+
+    def fetching_encoding() -> dict[str, Any]:  # a tiktoken plugin reading its file its own way
+        data = tiktoken.load.read_file_cached("https://example.invalid/fetching.tiktoken")
+        raise AssertionError(f"read {len(data)} bytes")
+
+    tiktoken.registry.list_encoding_names()  # loads the plugins' constructors
+    monkeypatch.setitem(tiktoken.registry.ENCODING_CONSTRUCTORS, "fetching", fetching_encoding)
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "cache"))
+    ranks_file = write_tiktoken_file(tmp_path / "fetching.tiktoken", byte_level_ranks())
+    plan = plan_tokenizer({"tokenizer_type": "TiktokenTokenizer", "vocab_file": "fetching"}, tmp_path)
+    assert plan.tokenizer is None and plan.files == ()
+    assert "which mapper does not download" in plan.warnings[0].message
+    assert ranks_file.is_file() and not (tmp_path / "cache").exists()
+
+
 def test_a_tokenizer_json_without_end_of_text_sets_no_eos(tmp_path: Path) -> None:
     train_byte_level_bpe(["<s>", "</s>"]).save(str(tmp_path / "tokenizer.json"))
     plan = plan_tokenizer({"tokenizer_type": "HFTokenizer", "vocab_file": "tokenizer.json"}, tmp_path)
@@ -334,6 +354,9 @@ def test_the_override_replaces_the_config_file_and_says_when_its_type_differs(tm
     assert plan_tokenizer(yaml, tmp_path, override=vocab).kind == "GPT2BPETokenizer"  # merges.txt beside it
     model = train_sentencepiece(tmp_path / "sp.model", "bpe")
     assert plan_tokenizer({}, tmp_path, override=model).kind == "SPMTokenizer"
+    (tmp_path / "bare").mkdir()
+    (tmp_path / "bare" / "tokenizer.json").write_bytes((tmp_path / "mine.json").read_bytes())
+    assert plan_tokenizer({}, tmp_path, override=tmp_path / "bare").files == (tmp_path / "bare" / "tokenizer.json",)
 
 
 def test_an_hf_tokenizer_folder_as_override_is_written_as_transformers_loaded_it(tmp_path: Path) -> None:

@@ -205,7 +205,7 @@ def read_tiktoken_ranks(path: Path) -> dict[bytes, int]:
     return ranks
 
 
-_SWAP_LOCK = threading.Lock()
+_SWAP_LOCK = threading.RLock()
 
 
 @contextlib.contextmanager
@@ -227,9 +227,11 @@ def tiktoken_definition(name: str, ranks: dict[bytes, int], ranks_file: Path) ->
 
     tiktoken's encoding constructors fetch the ranks from the network; they are run here with
     their rank loaders answering from the local file instead, which also hands over the hash
-    tiktoken expects. Returns the definition and whether the file has that hash (None: no hash).
+    tiktoken expects, and with tiktoken's file reader refusing, so nothing is ever downloaded.
+    Returns the definition and whether the file has that hash (None: no hash).
     """
     require("tiktoken", "tiktoken", "a TiktokenTokenizer")
+    import tiktoken.load
     import tiktoken.registry
 
     if name not in tiktoken.registry.list_encoding_names():
@@ -244,8 +246,12 @@ def tiktoken_definition(name: str, ranks: dict[bytes, int], ranks_file: Path) ->
         expected.append(expected_hash)
         return dict(ranks)
 
-    module = sys.modules[constructor.__module__]
-    with _swapped(module, {"load_tiktoken_bpe": local_ranks, "data_gym_to_mergeable_bpe_ranks": local_ranks}):
+    def no_download(blobpath: str) -> bytes:
+        raise Unavailable(f"tiktoken's {name} constructor reads {blobpath}, which mapper does not download",
+                          f"pass --tokenizer PATH to a tokenizer.json for {name} instead")
+
+    loaders = {"load_tiktoken_bpe": local_ranks, "data_gym_to_mergeable_bpe_ranks": local_ranks}
+    with _swapped(sys.modules[constructor.__module__], loaders), _swapped(tiktoken.load, {"read_file": no_download}):
         definition = constructor()
     hashes = [h for h in expected if h]
     matches = hashlib.sha256(ranks_file.read_bytes()).hexdigest() in hashes if hashes else None

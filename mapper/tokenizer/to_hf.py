@@ -207,13 +207,17 @@ def _from_override(
         raise MapperError("--tokenizer: no such file or folder", where=path,
                           hint="pass a tokenizer.json, vocab.json, .model, .tiktoken file or a tokenizer folder")
     if path.is_dir():
-        if (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file():
+        if kind == "HFGPT2Tokenizer":
+            return neox_types.hf_gpt2(path)
+        if (path / "tokenizer_config.json").is_file():  # written by save_pretrained: kept as transformers loads it
             return _hf_folder(path)
-        if (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
+        if (path / "tokenizer.json").is_file():
+            built = neox_types.hf_tokenizer(path / "tokenizer.json")
+        elif (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
             built = neox_types.gpt2_bpe(path / "vocab.json", path / "merges.txt")
         else:
-            raise MapperError("--tokenizer: this folder holds no tokenizer (tokenizer.json, tokenizer_config.json, or "
-                              "vocab.json + merges.txt)", where=path, hint="pass the tokenizer file itself")
+            raise MapperError("--tokenizer: this folder holds no tokenizer (tokenizer_config.json, tokenizer.json, "
+                              "or vocab.json + merges.txt)", where=path, hint="pass the tokenizer file itself")
     elif path.suffix == ".model":
         built = neox_types.sentencepiece(path)
     elif path.suffix == ".tiktoken":
