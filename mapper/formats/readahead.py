@@ -1,5 +1,4 @@
-"""Ask the kernel to start reading a memory-mapped tensor now (``madvise(MADV_WILLNEED)``), or
-to take back the pages of one the process is done with (``madvise(MADV_DONTNEED)``).
+"""Ask the kernel to start reading a memory-mapped tensor now (``madvise(MADV_WILLNEED)``).
 
 Readers hand out views of memory maps; the bytes are read from disk when first touched. During a
 conversion that touch often happens in the writer thread, inside ``write(2)``, which then waits on
@@ -19,7 +18,6 @@ import sys
 import torch
 
 MADV_WILLNEED = 3  # the same value on Linux and macOS
-MADV_DONTNEED = 4  # Linux and macOS; on Linux a file map's pages leave the process at once
 MIN_BYTES = 1 << 20  # smaller tensors are not worth a system call
 
 
@@ -47,21 +45,3 @@ def will_need(tensor: torch.Tensor) -> torch.Tensor:
     start = address - address % mmap.PAGESIZE
     _MADVISE(start, address + tensor.nbytes - start, MADV_WILLNEED)  # errors ignored: only a hint
     return tensor
-
-
-def drop_pages(tensor: torch.Tensor) -> None:
-    """Unmap the whole pages under ``tensor``, a view of a read-only *file* map, from this process.
-
-    For a reader that copies small ranges out of a file it keeps mapped (ZeRO optimizer shards are
-    flat across all layers): without this, every page it ever read would stay resident until the
-    map is closed. A later touch reads the page from the file again. Only whole pages inside the
-    tensor are dropped, so neighbouring bytes are untouched. Never call it on anonymous memory (a
-    clone, a tensor made in memory): there ``MADV_DONTNEED`` would zero the bytes.
-    """
-    if _MADVISE is None or tensor.device.type != "cpu" or not tensor.is_contiguous():
-        return
-    address = tensor.data_ptr()
-    start = -(-address // mmap.PAGESIZE) * mmap.PAGESIZE
-    stop = (address + tensor.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
-    if stop > start:
-        _MADVISE(start, stop - start, MADV_DONTNEED)  # errors ignored: the pages merely stay

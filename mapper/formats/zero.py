@@ -24,11 +24,15 @@ it (``docs/zero-checkpoints.md`` has the details and sources):
   ``{idx}.{key}`` or ``tied_modules.{tie}.{key}`` for a pipeline module, ``sequential.{idx}.{key}``
   for NeoX's sequential wrapper.
 
-Reading is by ranges: the optimizer files are memory-mapped (weights-only loads through
-:mod:`mapper.formats.safe_pickle`, which read the pickles only), ``get`` copies the parameter's
-elements out of the one or two DP parts holding them and hands the pages it read back to the
-kernel (:func:`~mapper.formats.readahead.drop_pages`), so resident memory follows the tensors in
-use, not the flat partitions, which span every layer.
+Reading is by byte ranges: the optimizer files are loaded memory-mapped (weights-only loads
+through :mod:`mapper.formats.safe_pickle`, which read the pickles only) just to learn where each
+flat part lies in its file (:mod:`mapper.formats.file_ranges`); ``get`` then reads the
+parameter's bytes from the one or two DP parts holding them straight into a new tensor
+(``readinto`` at the file offset), never touching the maps. The flat parts span every layer, so
+touching them through the maps would leave the pages of every layer read resident until the end;
+this way resident memory follows the tensors in use. (A file whose parts cannot be placed in it
+is read through its map instead.) The module weight each master is checked against is read the
+same way when the NeoX reader can place it (:meth:`~mapper.formats.neox.NeoXCheckpoint.file_range`).
 
 Tensors without a master copy (TE ``_extra_state``, saved buffers such as rotary ``inv_freq``,
 frozen parameters) come from the module weights as saved; :attr:`MasterWeights.notes` says which.
@@ -58,7 +62,6 @@ from mapper.formats import safe_pickle
 from mapper.formats.file_ranges import FileRange, storage_records, verified_base
 from mapper.formats.naming import SEQUENTIAL_KEY, mp_rank_file_name, natural_key, neox_key
 from mapper.formats.neox import PIPELINE, NeoXCheckpoint, resolve_tag_folder
-from mapper.formats.readahead import drop_pages, will_need
 from mapper.tensors import ClosingReader, TensorMeta
 
 OPTIM_FILE = re.compile(r"^(?P<prefix>bf16_|fp16_)?zero_pp_rank_(?P<dp>\d+)_mp_rank_(?P<mp>\d+)_optim_states\.pt$")
@@ -154,7 +157,7 @@ class MasterWeights(ClosingReader):
                                  if not OPTIM_FILE.match(Path(note.split(": ")[0]).name)]
         self._lock = threading.Lock()
         self._flats: dict[Path, list[torch.Tensor]] = {}
-        self._mapped: dict[Path, bool] = {}
+        self._bases: dict[Path, int | None] = {}  # where each file's map starts, if known
         self._files = self._scan()
         self.pp = len(self._files) // self.tp
         self._shards = {file: self._read_shard(file, dp, mp) for mp, ranks in self._files.items()
@@ -488,7 +491,14 @@ class MasterWeights(ClosingReader):
         return dict(self._manifest)
 
     def is_master(self, key: str) -> bool:
+        """True when ``get(key)`` is an fp32 master (False: the module weight as saved)."""
         return key in self._masters
+
+    def master_location(self, key: str) -> list[tuple[Path, int, int, int]]:
+        """Where the fp32 master of ``key`` lies, in order: (optimizer file, param group, first
+        element in that file's saved part, element count) for each DP part holding some of it."""
+        master = self._masters[key]
+        return [(piece.file, piece.group, piece.start, piece.numel) for piece in master.pieces]
 
     def get(self, key: str) -> torch.Tensor:
         """The fp32 master of ``key`` (a new tensor), or the module weight for the rest."""
@@ -504,11 +514,12 @@ class MasterWeights(ClosingReader):
         out = torch.empty(math.prod(master.shape), dtype=torch.float32)
         at = 0
         for piece in master.pieces:
-            flat, mapped = self._flat(piece.file, piece.group)
+            flat, base = self._flat(piece.file, piece.group)
             part = flat.narrow(0, piece.start, piece.numel)
-            out.narrow(0, at, piece.numel).copy_(will_need(part))
-            if mapped:
-                drop_pages(part)  # the copy is ours; the file's pages go back to the kernel
+            if base is None:
+                out.narrow(0, at, piece.numel).copy_(part)
+            else:
+                _read_into(piece.file, part.data_ptr() - base, out.narrow(0, at, piece.numel))
             at += piece.numel
         out = out.view(master.shape)
         if self.check_rounding:
@@ -520,19 +531,20 @@ class MasterWeights(ClosingReader):
         return self.module.file_range(tensor)
 
     def _keep(self, file: Path, flats: list[torch.Tensor], state: object) -> None:
-        """Keep a file's flat parts (views of its map) and whether their pages may be dropped:
-        only if they are confirmed to be bytes of the file, never anonymous memory. (All the
-        file's tensors vote on where it was mapped, :func:`~mapper.formats.file_ranges.mapping_base`.)"""
+        """Keep a file's flat parts (views of its map, never touched) and where the map starts,
+        if every part is confirmed to be bytes of the file (all the file's tensors vote on the
+        start, :func:`~mapper.formats.file_ranges.mapping_base`)."""
         records = storage_records(file)
         base = verified_base(file, records, _tensors_in(state))
         offsets = {offset for offset, _ in records}
-        self._flats[file] = flats
-        self._mapped[file] = base is not None and all(
+        placed = base is not None and all(
             flat.numel() == 0 or flat.untyped_storage().data_ptr() - base in offsets for flat in flats
         )
+        self._flats[file] = flats
+        self._bases[file] = base if placed else None
 
-    def _flat(self, file: Path, group: int) -> tuple[torch.Tensor, bool]:
-        """One flat part of ``file`` and whether it is a view of the file's map."""
+    def _flat(self, file: Path, group: int) -> tuple[torch.Tensor, int | None]:
+        """One flat part of ``file`` and where the file's map starts (None: unknown)."""
         with self._lock:
             if file not in self._flats:  # after close(): map the file again
                 state = self._load_optim(file)
@@ -541,17 +553,16 @@ class MasterWeights(ClosingReader):
                     raise CheckpointError("this optimizer file changed while it was being read", where=file,
                                           hint="run again once nothing writes to the checkpoint")
                 self._keep(file, flats, state)
-            return self._flats[file][group], self._mapped[file]
+            return self._flats[file][group], self._bases[file]
 
     def _check_rounding(self, key: str, master: _Master, value: torch.Tensor) -> None:
         """The module weight must be the master rounded to its dtype (DeepSpeed copies the
         updated masters into the module weights after every step)."""
         weight = self.module.get(key)
-        try:
-            bad = _rounding_mismatch(value, weight)
-        finally:
-            if self.module.file_range(weight) is not None:
-                drop_pages(weight)  # a view of a layer file's map, only compared here
+        place = self.module.file_range(weight)
+        if place is not None:  # read its bytes rather than touch the layer file's map
+            weight = _read_into(place.path, place.offset, torch.empty(weight.shape, dtype=weight.dtype))
+        bad = _rounding_mismatch(value, weight)
         if bad is not None:
             count, worst, at_master, at_module = bad
             files = sorted({p.file.name for p in master.pieces})
@@ -569,7 +580,7 @@ class MasterWeights(ClosingReader):
         """Let go of the optimizer files' maps and the module reader's (the index stays)."""
         with self._lock:
             self._flats.clear()
-            self._mapped.clear()
+            self._bases.clear()
         self.module.close()
 
     def __repr__(self) -> str:
@@ -626,6 +637,23 @@ def _check_version(version: object, file: Path, notes: list[str]) -> None:
             notes.append(note)
 
 
+def _read_into(path: Path, offset: int, out: torch.Tensor) -> torch.Tensor:
+    """Fill the contiguous tensor ``out`` with ``out.nbytes`` bytes of ``path`` at ``offset``."""
+    buffer = memoryview(out.view(-1).view(torch.uint8).numpy()).cast("B")
+    with open(path, "rb", buffering=0) as f:
+        f.seek(offset)
+        done = 0
+        while done < len(buffer):
+            got = f.readinto(buffer[done:])
+            if not got:
+                raise CheckpointError(
+                    f"the file ends before the {out.nbytes} bytes at offset {offset}", where=path,
+                    hint="the file is truncated; copy it again",
+                )
+            done += got
+    return out
+
+
 def _tensors_in(obj: object, depth: int = 0) -> list[torch.Tensor]:
     """Every tensor in a loaded container tree."""
     if isinstance(obj, torch.Tensor):
@@ -674,12 +702,14 @@ def _rounding_mismatch(master: torch.Tensor, weight: torch.Tensor) -> tuple[int,
     if weight.shape != master.shape or not weight.dtype.is_floating_point:
         return master.numel(), math.inf, math.nan, math.nan
     rounded = master.to(weight.dtype)
+    if torch.equal(rounded.reshape(-1).view(torch.uint8), weight.reshape(-1).view(torch.uint8)):
+        return None  # the common case, bit for bit
     same = (rounded == weight) | (rounded.isnan() & weight.isnan())
     if bool(same.all()):
         return None
     info = torch.finfo(weight.dtype)
     _, exponent = torch.frexp(master)
-    step = torch.ldexp(torch.tensor(info.eps), exponent - 1).clamp_min(info.tiny * info.eps)
+    step = torch.ldexp(torch.full_like(master, info.eps), exponent - 1).clamp_min(info.tiny * info.eps)
     diff = (weight.float() - master).abs()
     bad = ~(same | (diff <= step))
     if not bool(bad.any()):

@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 import sys
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import Enum
@@ -45,6 +45,7 @@ from mapper.testing.disk import Layout, _training_state, write_neox_checkpoint
 from mapper.testing.synth import synthesize_neox, tiny_config, variant
 
 Optimizer = Literal["bf16", "zero1", "zero2"]
+Edit = Callable[[int, int, dict[str, Any]], None]
 DS_VERSION = "0.16.5"
 TIED = "embed"  # NeoX's TiedLayerSpec key for the input/output embedding
 
@@ -140,11 +141,15 @@ def write_zero_run(
     weight_decay: bool = True,
     rotary_inv_freq: bool = False,
     seed: int = 0,
-    ds_version: str = DS_VERSION,
+    ds_version: str | None = DS_VERSION,
+    edit: Edit | None = None,
     **config_overrides: Any,
 ) -> ZeroRun:
     """Synthesize variant ``variant_name`` in fp32 (the masters) and save it under ``root`` as a
-    ``precision`` run with ``dp`` x ``pp`` x ``tp`` ranks would (see the module docstring)."""
+    ``precision`` run with ``dp`` x ``pp`` x ``tp`` ranks would (see the module docstring).
+
+    ``edit(mp, dp, optimizer_state_dict)`` may change each optimizer file's state before it is
+    saved (tests of what readers refuse)."""
     if layout == "sequential" and pp != 1:
         raise ValueError("the sequential layout has no pipeline stages (pp must be 1)")
     if optimizer == "bf16" and precision != "bfloat16":
@@ -177,7 +182,7 @@ def write_zero_run(
                 run.paddings[(mp, group_index)] = _padded_size(group, dp) - sum(t.numel() for _, _, t in group)
             run.optimizer_files += _save_optimizer_files(folder, mp, groups, dp=dp, optimizer=optimizer,
                                                          bf16=precision == "bfloat16", ds_version=ds_version,
-                                                         weight_decay=weight_decay)
+                                                         weight_decay=weight_decay, edit=edit)
     return run
 
 
@@ -259,7 +264,7 @@ def _padded_size(group: list[tuple[str, str, torch.Tensor]], dp: int) -> int:
 
 def _save_model_states(file: Path, module: Mapping[str, torch.Tensor], config: NeoXModelConfig, layout: Layout,
                        rank: int, groups: list[list[tuple[str, str, torch.Tensor]]], buffers: list[str], *,
-                       dp: int, mp_world: int, ds_version: str) -> None:
+                       dp: int, mp_world: int, ds_version: str | None) -> None:
     """``DeepSpeedEngine._save_checkpoint``'s model-state file, with NeoX's client state."""
     weights = None
     if layout == "sequential":
@@ -283,7 +288,8 @@ def _save_model_states(file: Path, module: Mapping[str, torch.Tensor], config: N
 
 
 def _save_optimizer_files(folder: Path, mp: int, groups: list[list[tuple[str, str, torch.Tensor]]], *, dp: int,
-                          optimizer: Optimizer, bf16: bool, ds_version: str, weight_decay: bool) -> list[Path]:
+                          optimizer: Optimizer, bf16: bool, ds_version: str | None, weight_decay: bool,
+                          edit: Edit | None) -> list[Path]:
     flats = []
     for group in groups:
         flat = torch.cat([t.reshape(-1) for _, _, t in group]) if group else torch.empty(0)
@@ -316,6 +322,8 @@ def _save_optimizer_files(folder: Path, mp: int, groups: list[list[tuple[str, st
             stage = ZeroStageEnum.gradients if optimizer == "zero2" else ZeroStageEnum.optimizer_states
             state = {"loss_scaler": LossScaler(1.0), "dynamic_loss_scale": False, "overflow": False,
                      **state, "zero_stage": stage}
+        if edit is not None:
+            edit(mp, dp_rank, state)
         file = folder / optim_file_name(dp_rank, mp, bf16=bf16)
         with _deepspeed_names():
             torch.save({"optimizer_state_dict": state, "ds_config": {"train_batch_size": 8 * dp},
