@@ -7,6 +7,7 @@ ends, both NeoX layouts); the module weights are the masters' bf16/fp16 rounding
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -335,3 +336,11 @@ def _resident_bytes(folder: Path, suffix: str) -> int:
         elif inside and first == "Rss:":
             total += int(line.split()[1]) * 1024
     return total
+
+
+def test_the_readme_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    found = re.search(r"### fp32 master weights from the optimizer shards\n.*?```python\n(.*?)```", readme, re.S)
+    assert found is not None
+    monkeypatch.chdir(tmp_path)
+    exec(compile(found.group(1), "README.md", "exec"), {})  # noqa: S102 -- our own documentation
