@@ -37,7 +37,8 @@ same way when the NeoX reader can place it (:meth:`~mapper.formats.neox.NeoXChec
 Tensors without a master copy (TE ``_extra_state``, saved buffers such as rotary ``inv_freq``,
 frozen parameters) come from the module weights as saved; :attr:`MasterWeights.notes` says which.
 Every master is checked against its module weight: it must round to it (to within one step of the
-module's dtype), else the optimizer files belong to another save and the read is refused.
+module's dtype), else the optimizer files belong to another save and the read is refused (the
+smallest master of each optimizer file already when the reader opens).
 
 Refused, with the file and a fix: ZeRO-3 checkpoints, DeepSpeed versions outside 0.7-1.0 or with no
 version, missing DP ranks or model-state files, MoE (param groups of different DP sizes), sizes
@@ -164,6 +165,8 @@ class MasterWeights(ClosingReader):
                         for dp, file in ranks.items()}
         self.dp, self.optimizer, self.ds_version = self._check_shards()
         self._masters, self._manifest = self._build_index()
+        if check_rounding:
+            self._spot_check()
         stages = f"{self.pp} pipeline stages x {self.tp} TP ranks" if self.pp > 1 else f"{self.tp} TP rank(s)"
         self.notes.append(
             f"{self.path}: fp32 masters of {len(self._masters)} tensors from {len(self._shards)} optimizer "
@@ -409,7 +412,7 @@ class MasterWeights(ClosingReader):
         kind = shards[0].stage
         if kind is None:  # BF16_Optimizer: equal parts, padding kept at the end
             fits = len(set(lengths)) == 1 and saved - needed == sum(paddings)
-            says = f"{self.dp} equal parts of {lengths[0]} with {sum(paddings)} padding"
+            says = f"{saved} elements in parts of {lengths}, {sum(paddings)} of them padding"
         else:  # ZeRO 1/2: padding cut off; parts plus their padding are equal
             fits = saved == needed and len({n + p for n, p in zip(lengths, paddings)}) == 1
             says = f"{saved} elements in parts of {lengths} (+ padding {paddings})"
@@ -575,6 +578,19 @@ class MasterWeights(ClosingReader):
                 hint="the optimizer files belong to another save (another step or run) than the model "
                 "weights: copy the *_optim_states.pt files saved with this tag, or " + NO_OPTIMIZER_HINT,
             )
+
+    def _spot_check(self) -> None:
+        """Check the smallest master of every optimizer file now, so that files of another save
+        are refused when the reader opens, not in the middle of a conversion (``get`` still
+        checks every master it reads)."""
+        smallest: dict[Path, tuple[int, str]] = {}
+        for key, master in self._masters.items():
+            size = math.prod(master.shape)
+            for piece in master.pieces:
+                if piece.file not in smallest or size < smallest[piece.file][0]:
+                    smallest[piece.file] = (size, key)
+        for key in sorted({key for _, key in smallest.values()}):
+            self.get(key)
 
     def close(self) -> None:
         """Let go of the optimizer files' maps and the module reader's (the index stays)."""

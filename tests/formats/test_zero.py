@@ -263,6 +263,20 @@ def test_sizes_that_do_not_add_up_are_refused(tmp_path: Path, optimizer: str) ->
              "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt")
 
 
+@pytest.mark.parametrize("other, message", [
+    (dict(variant_name="te-full", hidden_size=32), "the module weight layer_00.word_embeddings.weight@rank0 is"),
+    (dict(variant_name="neox-new"), "lists '2.attention.query_key_value.weight', but the module weights have no"),
+], ids=["other shapes", "other names"])
+def test_model_states_of_another_model_are_refused(tmp_path: Path, other: dict[str, Any], message: str) -> None:
+    run = write_zero_run("te-full", tmp_path / "this", dp=2)
+    donor = write_zero_run(root=tmp_path / "other", dp=2, **other)
+    for file in run.folder.glob("*_optim_states.pt"):
+        file.unlink()
+    for file in [*donor.optimizer_files, donor.folder / "mp_rank_00_model_states.pt"]:
+        shutil.copy(file, run.folder / file.name)
+    _refused(run.root, message, "mp_rank_00_model_states.pt")
+
+
 def test_moe_groups_over_different_dp_sizes_are_refused(tmp_path: Path) -> None:
     run = write_zero_run("neox-new", tmp_path / "moe", dp=2,
                          edit=lambda mp, dp, state: state.update(partition_count=[2, 4]))
@@ -282,16 +296,26 @@ def test_optimizer_files_of_another_save_are_refused_by_the_rounding_check(tmp_p
     other = write_zero_run("te-full", tmp_path / "other", tp=2, dp=2, seed=1)
     for file in other.optimizer_files:
         shutil.copy(file, run.folder / file.name)
-    with open_master_weights(run.root) as reader:
-        key = "layer_02.attention.qkv.weight@rank1"
-        with pytest.raises(CheckpointError) as info:
+    with pytest.raises(CheckpointError) as info:  # already when opening: one master per file
+        open_master_weights(run.root)
+    assert "does not round to the module weight" in str(info.value)
+    key = "layer_02.attention.qkv.weight@rank1"
+    with open_master_weights(run.root, check_rounding=False) as reader:  # on request: read as is
+        assert torch.equal(reader.get(key), other.masters[key])
+        reader.check_rounding = True
+        with pytest.raises(CheckpointError) as info:  # and by every get
             reader.get(key)
     text = str(info.value)
     assert key in text and "does not round to the module weight" in text
     assert "layer_02-model_01-model_states.pt" in text and "bf16_zero_pp_rank_0_mp_rank_01" in text
     assert "another save" in (info.value.hint or "")
-    with open_master_weights(run.root, check_rounding=False) as reader:  # on request: read as is
-        assert torch.equal(reader.get(key), other.masters[key])
+
+
+def test_one_swapped_dp_file_is_found_when_opening(tmp_path: Path) -> None:
+    run = write_zero_run("neox-new", tmp_path / "this", dp=3)
+    other = write_zero_run("neox-new", tmp_path / "other", dp=3, seed=1)
+    shutil.copy(other.optimizer_files[2], run.optimizer_files[2])
+    _refused(run.root, "does not round to the module weight", run.optimizer_files[2].name)
 
 
 def test_the_rounding_check_allows_one_step_of_the_module_dtype_not_more() -> None:
