@@ -260,7 +260,7 @@ class MasterWeights(ClosingReader):
         stage = _plain_int(optim.get(ZERO_STAGE)) if ZERO_STAGE in optim else None
         if stage == 3 or FP32_FLAT_GROUPS in optim:
             raise _zero3_error(file)
-        if stage is not None and stage not in (1, 2):
+        if ZERO_STAGE in optim and stage not in (1, 2):
             raise CheckpointError(
                 f"zero_stage {optim.get(ZERO_STAGE)!r}: mapper reads ZeRO stages 1 and 2",
                 where=file, hint=NO_OPTIMIZER_HINT,
@@ -422,7 +422,7 @@ class MasterWeights(ClosingReader):
                 f"of {needed} elements, the {self.dp} optimizer files hold {says}",
                 where=file,
                 hint="the model-state and optimizer files come from different saves (or a DeepSpeed "
-                f"version mapper does not know); copy the files of one save. Files: "
+                "version mapper does not know); copy the files of one save. Files: "
                 + ", ".join(s.file.name for s in shards),
             )
         starts = [sum(lengths[:r]) for r in range(len(lengths))]

@@ -39,7 +39,8 @@ from typing import Any, Literal
 import torch
 
 from mapper.configs import NeoXModelConfig
-from mapper.formats.naming import mp_rank_file_name, neox_key, parse_neox_key
+from mapper.errors import MapperError
+from mapper.formats.naming import mp_rank_file_name, parse_neox_key
 from mapper.formats.zero import optim_file_name
 from mapper.testing.disk import Layout, _training_state, write_neox_checkpoint
 from mapper.testing.synth import synthesize_neox, tiny_config, variant
@@ -84,7 +85,8 @@ def _deepspeed_names() -> Iterator[None]:
     """Make pickle name the stand-ins as DeepSpeed's classes while saving (nothing is imported;
     a real DeepSpeed already loaded in this process is left alone and its classes are not used)."""
     if "deepspeed" in sys.modules:
-        raise RuntimeError("mapper.testing.zero writes DeepSpeed's names itself; import it before deepspeed")
+        raise MapperError("mapper.testing.zero pickles stand-ins under DeepSpeed's class names, which it "
+                          "cannot do once deepspeed itself is imported", hint="run it without importing deepspeed")
     added: list[str] = []
     try:
         for module_name, cls in _STAND_INS.items():
@@ -151,11 +153,11 @@ def write_zero_run(
     ``edit(mp, dp, optimizer_state_dict)`` may change each optimizer file's state before it is
     saved (tests of what readers refuse)."""
     if layout == "sequential" and pp != 1:
-        raise ValueError("the sequential layout has no pipeline stages (pp must be 1)")
+        raise MapperError("the sequential layout has no pipeline stages (pp must be 1)")
     if optimizer == "bf16" and precision != "bfloat16":
-        raise ValueError("BF16_Optimizer exists for bf16 runs only; use zero1/zero2 for fp16")
+        raise MapperError("BF16_Optimizer exists for bf16 runs only; use zero1/zero2 for fp16")
     if round_robin and optimizer != "zero2":
-        raise ValueError("round-robin parameter order is a ZeRO-2 option")
+        raise MapperError("round-robin parameter order is a ZeRO-2 option")
     spec = variant(variant_name)
     config = tiny_config(variant_name, tp=tp, precision=precision, **config_overrides)
     weights = synthesize_neox(config, naming=spec.naming, seed=seed, extra_state=spec.extra_state,
@@ -201,7 +203,7 @@ def _is_parameter(key: str, tensor: torch.Tensor) -> bool:
 def _stages(layers: list[int], pp: int) -> list[list[int]]:
     """Contiguous blocks of layer indices, one per pipeline stage."""
     if pp > len(layers):
-        raise ValueError(f"{pp} pipeline stages for {len(layers)} layers with parameters")
+        raise MapperError(f"{pp} pipeline stages for {len(layers)} layers with parameters")
     size, extra = divmod(len(layers), pp)
     out, at = [], 0
     for stage in range(pp):
