@@ -22,10 +22,12 @@ other people, so this module is the only place mapper reads a pickle, and its po
    - in DeepSpeed training-state files only (``mp_rank_XX_model_states.pt``, which besides
      ``"module"`` hold DeepSpeed's ``buffer_names``, ``optimizer``, ``lr_scheduler``,
      ``ds_config``, ``ds_version``, ... and NeoX's ``iteration``, ``args`` and RNG states, see
-     ``DeepSpeedEngine._save_checkpoint`` and NeoX ``megatron/checkpointing.py``): the few
+     ``DeepSpeedEngine._save_checkpoint`` and NeoX ``megatron/checkpointing.py``; and ZeRO
+     optimizer shards ``*_optim_states.pt``, see :mod:`mapper.formats.zero`): the few
      plain-data classes those entries are known to contain, :data:`PLAIN_DATA_GLOBALS`
      (``argparse.Namespace``; numpy arrays, dtypes and scalars from ``np.random.get_state()``;
-     DeepSpeed's fp16 loss scalers). Their names are mapped, with the ``(object, "module.Name")``
+     DeepSpeed's fp16 loss scalers, the ZeRO stage enum and the ``fragment_address`` records of
+     ``param_slice_mappings``). Their names are mapped, with the ``(object, "module.Name")``
      form of ``torch.serialization.safe_globals``, to :class:`Inert` stand-ins: classes of ours
      that record their arguments and state and run nothing, so numpy/argparse/DeepSpeed code is
      never imported or called. An inert object inside ``"module"`` (where tensors belong) is
@@ -73,6 +75,8 @@ PLAIN_DATA_GLOBALS: tuple[str, ...] = (
     "numpy._core.multiarray.scalar",
     "deepspeed.runtime.fp16.loss_scaler.LossScaler",
     "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.utils.tensor_fragment.fragment_address",
 )
 
 
