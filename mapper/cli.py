@@ -221,7 +221,7 @@ def convert(
     from mapper.checkpoints import convert_checkpoint, prepare
 
     ready = prepare(src, rules=rules, config_files=config or [], tp=tp, trim_vocab=trim_vocab, parameters=_params(param),
-                    settings=_settings(set_), strict=strict, force_rules=force_rules,
+                    settings=_settings(set_), strict=strict, force_rules=force_rules, dtype=_dtype(dtype),
                     background_checks=True)  # convert_checkpoint waits for them before committing
     _notes(ready.notes, as_json=as_json, warnings=ready.warnings)
     if not as_json and not STATE.quiet:
@@ -230,7 +230,7 @@ def convert(
                   + (" (inverted)" if ready.direction == "hf-to-neox" else ""))
     with _progress("converting") as (started, advanced):
         result = convert_checkpoint(
-            src, out_dir, dtype=_dtype(dtype), max_shard_size=_size(max_shard_size), force=force, part=_part(part),
+            src, out_dir, max_shard_size=_size(max_shard_size), force=force, part=_part(part),
             average_replicas=average_replicas, on_start=started, on_group=advanced, prepared=ready,
         )
     summary = {

@@ -6,7 +6,7 @@ are declared on the model fields themselves, :mod:`mapper.configs.settings`). Fr
 
 - :func:`check_representable` refuses, before any tensor is read, what the target cannot express;
 - :func:`approximations` lists what it expresses only approximately (a small, measured numerical
-  difference: converted, recorded in ``mapper.json``, refused with ``--strict``);
+  difference: converted, recorded in ``mapper/record.json``, refused with ``--strict``);
 - :func:`hf_config` writes ``config.json``; :func:`model_from_hf_config` reads one back.
 """
 
@@ -29,7 +29,9 @@ class HFTarget:
     """One HF architecture mapper converts to, described declaratively.
 
     ``fields`` maps the target's own ``config.json`` fields to the :class:`NeoXModelConfig` field
-    holding the same value (both directions); ``defaults`` are transformers' defaults for fields a
+    holding the same value (both directions); ``shapes`` reads fields off the converted tensors
+    (``config.json`` field -> (tensor key, dimension)): the tensors are the truth for the MLP width
+    and the (possibly trimmed) vocabulary; ``defaults`` are transformers' defaults for fields a
     ``config.json`` may leave out.
     """
 
@@ -42,6 +44,7 @@ class HFTarget:
     parallel_residual: bool
     partial_rotary: bool
     fields: Mapping[str, str] = field(default_factory=dict)
+    shapes: Mapping[str, tuple[str, int]] = field(default_factory=dict)
     defaults: Mapping[str, Any] = field(default_factory=dict)
 
 
@@ -51,6 +54,8 @@ TARGETS: dict[str, HFTarget] = {
         gated_mlp=False, gqa=False, parallel_residual=True, partial_rotary=True,
         fields={"layer_norm_eps": "layernorm_epsilon", "use_parallel_residual": "gpt_j_residual",
                 "rope_parameters.partial_rotary_factor": "rotary_pct"},
+        shapes={"intermediate_size": ("gpt_neox.layers.0.mlp.dense_4h_to_h.weight", 1),
+                "vocab_size": ("gpt_neox.embed_in.weight", 0)},
         defaults={"layer_norm_eps": 1e-5, "use_parallel_residual": True, "hidden_act": "gelu",
                   "partial_rotary_factor": 0.25, "tie_word_embeddings": False, "attention_bias": True},
     ),
@@ -58,6 +63,8 @@ TARGETS: dict[str, HFTarget] = {
         arch="llama", architecture="LlamaForCausalLM", rules_target="hf-llama", norm="rmsnorm",
         gated_mlp=True, gqa=True, parallel_residual=False, partial_rotary=False,
         fields={"num_key_value_heads": "num_kv_heads", "rms_norm_eps": "rms_norm_epsilon"},
+        shapes={"intermediate_size": ("model.layers.0.mlp.down_proj.weight", 1),
+                "vocab_size": ("model.embed_tokens.weight", 0)},
         defaults={"rms_norm_eps": 1e-6, "hidden_act": "silu", "partial_rotary_factor": 1.0,
                   "tie_word_embeddings": False, "attention_bias": False, "mlp_bias": False},
     ),
@@ -150,12 +157,12 @@ def hf_activation(model: NeoXModelConfig) -> str:
     return {"gelu": gelu, "geglu": gelu, "relu": "relu", "reglu": "relu", "silu": "silu", "swiglu": "silu"}[model.activation]
 
 
-def hf_config(model: NeoXModelConfig, arch: str, *, intermediate_size: int | None = None,
-              vocab_size: int | None = None, strict: bool = False) -> dict[str, Any]:
+def hf_config(model: NeoXModelConfig, arch: str, *, shapes: Mapping[str, tuple[int, ...]] | None = None,
+              strict: bool = False) -> dict[str, Any]:
     """``config.json`` for ``arch``; raises MapperError for what HF cannot express.
 
-    ``intermediate_size``/``vocab_size`` override the computed values (pass the tensor shapes:
-    they are the truth).
+    ``shapes`` (the converted tensors' key -> shape) gives the fields the target reads off them
+    (:attr:`HFTarget.shapes`); without, they are computed from the model.
     """
     check_representable(model, arch, strict=strict)
     spec = target(arch)
@@ -172,8 +179,8 @@ def hf_config(model: NeoXModelConfig, arch: str, *, intermediate_size: int | Non
     if "partial_rotary_factor" in rope:
         rope["partial_rotary_factor"] = float(rope["partial_rotary_factor"])
     config.update(
-        vocab_size=vocab_size if vocab_size is not None else model.vocab_size,
-        intermediate_size=intermediate_size if intermediate_size is not None else model.mlp_widths().out_inputs,
+        vocab_size=model.vocab_size,
+        intermediate_size=model.mlp_widths().out_inputs,
         max_position_embeddings=model.positions,
         attention_bias=model.attn_has_bias,
         hidden_act=hf_activation(model),
@@ -182,6 +189,9 @@ def hf_config(model: NeoXModelConfig, arch: str, *, intermediate_size: int | Non
     )
     if spec.gated_mlp:
         config.update(head_dim=model.head_dim, mlp_bias=model.mlp_has_bias)
+    for name, (key, dim) in spec.shapes.items():
+        if shapes is not None and key in shapes:
+            config[name] = int(shapes[key][dim])
     return config
 
 

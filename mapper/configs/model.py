@@ -371,12 +371,12 @@ class NeoXModelConfig(BaseModel):
 
         return model_from_hf_config(config, tp=tp)
 
-    def to_hf_config(self, arch: str, *, intermediate_size: int | None = None,
-                     vocab_size: int | None = None, strict: bool = False) -> dict[str, Any]:
+    def to_hf_config(self, arch: str, *, shapes: Mapping[str, tuple[int, ...]] | None = None,
+                     strict: bool = False) -> dict[str, Any]:
         """A config.json dict for HF architecture ``arch``; see :func:`mapper.configs.hf.hf_config`."""
         from mapper.configs.hf import hf_config
 
-        return hf_config(self, arch, intermediate_size=intermediate_size, vocab_size=vocab_size, strict=strict)
+        return hf_config(self, arch, shapes=shapes, strict=strict)
 
     def check_hf_representable(self, arch: str, *, strict: bool = False) -> None:
         """Raise one MapperError listing every setting HF ``arch`` cannot represent."""

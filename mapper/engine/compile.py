@@ -243,7 +243,7 @@ class _Builder:
             self.problem(
                 f"{error}; the sidecar has no entry {reads!r}", key=out_keys[0], rule=op,
                 hint="convert with the sidecar written by the forward conversion "
-                "(mapper-sidecar.safetensors), or declare a default in the rule",
+                "(mapper/sidecar.safetensors in the HF folder), or declare a default in the rule",
             )
             return
         for key in in_keys:

@@ -162,7 +162,8 @@ def _run(
     if not op.passes_through:
         inputs = [materialize(t) for t in inputs]
     keys = [key for v in node.inputs for key in v.sources()] or [v.key for v in node.outputs]
-    ctx = OpContext(plan.parameters, plan.ranges, average_replicas=average_replicas, keys=tuple(keys))
+    ctx = OpContext(node.parameters or plan.parameters, node.ranges or plan.ranges,  # chained plans: per node
+                    average_replicas=average_replicas, keys=tuple(keys))
     try:
         residual = sidecar.get(node.reads_residual)
         if residual is not None:
@@ -185,7 +186,7 @@ def _run(
     except NeedsResidual as error:
         raise ConversionError(
             f"{error}; the sidecar has no entry {node.reads_residual!r}", where=", ".join(keys),
-            hint="convert with the sidecar the forward conversion wrote (mapper-sidecar.safetensors)",
+            hint="convert with the sidecar the forward conversion wrote (mapper/sidecar.safetensors in the HF folder)",
         ) from None
     except MapperError:
         raise

@@ -56,6 +56,9 @@ class Node:
     # Sidecar entries are named after the forward node: "<rule id>:<its first input key>".
     writes_residual: str | None = None  # lossy op: entry to fill when its inverse is not exact
     reads_residual: str | None = None  # inverse of a lossy op: entry that restores it exactly
+    # In a chain of plans (mapper.engine.chain), the parameters of the plan the node came from.
+    parameters: dict[str, int] | None = None
+    ranges: dict[str, int] | None = None
 
     @property
     def rule_id(self) -> str:

@@ -1,6 +1,6 @@
 """The sidecar: what lossy rules removed, so the way back is exact.
 
-A conversion writes ``mapper-sidecar.safetensors`` beside its output. Each entry belongs to one
+A conversion writes it into the HF folder (``mapper/sidecar.safetensors``, see :mod:`mapper.record`). Each entry belongs to one
 node of the plan (``<rule id>:<first key>``) and holds the tensors that node's inverse needs:
 FP8 ``_extra_state`` bytes, vocabulary rows cut by ``slice``, per-rank biases a ``sum`` cannot
 give back... Entries exist only where the inverse alone would not restore the input bit for bit,
@@ -19,8 +19,6 @@ from safetensors import safe_open
 
 from mapper.errors import CheckpointError
 from mapper.tensors import TensorMeta
-
-SIDECAR_FILE = "mapper-sidecar.safetensors"
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """``mapper verify NEOX HF``: the reference forward from the NeoX files against the HF folder.
 
-The conversion's plan is rebuilt (from the rule set named in the HF folder's ``mapper.json``,
+The conversion's plan is rebuilt (from the rule set named in the HF folder's record (``mapper/record.json``),
 or detected, or given) so that a divergence can name the rules that produced its tensors.
 """
 

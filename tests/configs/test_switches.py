@@ -97,7 +97,7 @@ def test_stock_te_llama_config_converts_with_the_eps_approximation_recorded(tmp_
     neox = write_neox_checkpoint(tensors, config, tmp_path / "neox")
     result = convert_checkpoint(neox, tmp_path / "hf")
     assert any("approximation: post_attention_layernorm eps" in w for w in result.prepared.warnings)
-    record = json.loads((result.output / "mapper.json").read_text())
+    record = json.loads((result.output / "mapper" / "record.json").read_text())
     assert [a["setting"] for a in record["approximations"]] == ["post_attention_layernorm eps"]
     assert json.loads((result.output / "config.json").read_text())["rms_norm_eps"] == 1e-6
     assert logits_agree(result.output, tensors, config)  # the effect is below verification's noise
@@ -140,7 +140,7 @@ def test_both_gqa_layouts_convert_exactly_when_named_and_the_default_warns(tmp_p
     named = convert_checkpoint(neox, tmp_path / "named", settings={"gqa_layout": "pre-1315"})
     assert not [w for w in named.prepared.warnings if "gqa_layout" in w]
     assert logits_agree(named.output, tensors, config)
-    assert json.loads((named.output / "mapper.json").read_text())["settings"]["gqa_layout"] == "pre-1315"
+    assert json.loads((named.output / "mapper" / "record.json").read_text())["settings"]["gqa_layout"] == "pre-1315"
     assert verify_checkpoints(neox, named.output, continuation=0).ok  # verify follows the recorded layout
     back = convert_checkpoint(named.output, tmp_path / "back")  # the recorded layout is followed
     with NeoXCheckpoint(back.output) as returned, NeoXCheckpoint(neox) as original:

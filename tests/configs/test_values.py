@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import json
 import math
 from pathlib import Path
@@ -66,15 +68,14 @@ def test_config_layers_must_match_the_checkpoint_before_anything_else(tmp_path: 
 
 @pytest.mark.parametrize(
     ("edit", "says"),
-    [({"num_hidden_layers": 1000000}, "num_hidden_layers 1000000"), ({"hidden_size": "64"}, "hidden_size"),
+    [({"num_hidden_layers": 1000000}, "1000000 layers (num_hidden_layers)"), ({"hidden_size": "64"}, "hidden_size"),
      ({"layer_norm_eps": None}, None), ({"rope_parameters": [1, 2]}, "rope_parameters"),
      ({"vocab_size": -3}, "vocab_size")],
 )
 def test_bad_hf_config_values_are_refused(tmp_path: Path, capsys, edit: dict, says: str | None) -> None:
     config, tensors = synthesize_variant("neox-sequential")
     hf = convert_checkpoint(write_neox_checkpoint(tensors, config, tmp_path / "neox"), tmp_path / "hf").output
-    for name in ("mapper.json", "mapper-neox-config.yaml", "mapper-rules.yaml"):
-        (hf / name).unlink()  # a plain HF folder: config.json is all there is
+    shutil.rmtree(hf / "mapper")  # a plain HF folder: config.json is all there is
     data = json.loads((hf / "config.json").read_text())
     (hf / "config.json").write_text(json.dumps({**data, **edit}))
     code = cli("convert", hf, tmp_path / "back", "--rules", "neox-to-hf-gpt-neox")
@@ -91,11 +92,11 @@ def test_bad_hf_config_values_are_refused(tmp_path: Path, capsys, edit: dict, sa
 def test_a_malformed_mapper_json_is_refused_naming_the_field(tmp_path: Path, capsys, edit: dict, says: str) -> None:
     config, tensors = synthesize_variant("neox-sequential")
     hf = convert_checkpoint(write_neox_checkpoint(tensors, config, tmp_path / "neox"), tmp_path / "hf").output
-    record = json.loads((hf / "mapper.json").read_text())
-    (hf / "mapper.json").write_text(json.dumps({**record, **edit}))
+    record = json.loads((hf / "mapper" / "record.json").read_text())
+    (hf / "mapper" / "record.json").write_text(json.dumps({**record, **edit}))
     assert cli("convert", hf, tmp_path / "back") == 2
     err = capsys.readouterr().err
-    assert "mapper.json" in err and says in err
+    assert "record.json" in err and says in err
 
 
 def test_every_written_config_json_is_strict_json(tmp_path: Path) -> None:

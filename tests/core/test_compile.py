@@ -136,7 +136,7 @@ def test_the_inverse_of_a_lossy_op_without_sidecar_or_default_is_refused_before_
     plan = mapper.compile(rules, manifest(), {"num_layers": 2})
     with pytest.raises(CompileError, match="needs the sidecar") as caught:
         mapper.compile(rules.invert(), plan.target_manifest, {"num_layers": 2})
-    assert "mapper-sidecar.safetensors" in str(caught.value)
+    assert "mapper/sidecar.safetensors" in str(caught.value)
 
 
 def test_the_plan_knows_its_peak_memory(rules):

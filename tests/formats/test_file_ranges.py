@@ -210,8 +210,8 @@ def test_a_conversion_writes_the_same_files_with_and_without_kernel_copies(
     convert_checkpoint(neox, tmp_path / "kernel", max_shard_size=1 << 20)
     monkeypatch.setattr(NeoXCheckpoint, "file_range", lambda self, tensor: None)
     convert_checkpoint(neox, tmp_path / "python", max_shard_size=1 << 20)
-    kernel = {p.name: p.read_bytes() for p in (tmp_path / "kernel").iterdir()}
-    python = {p.name: p.read_bytes() for p in (tmp_path / "python").iterdir()}
+    kernel = {str(p.relative_to(tmp_path / "kernel")): p.read_bytes() for p in (tmp_path / "kernel").rglob("*") if p.is_file()}
+    python = {str(p.relative_to(tmp_path / "python")): p.read_bytes() for p in (tmp_path / "python").rglob("*") if p.is_file()}
     assert len([n for n in kernel if n.endswith(".safetensors")]) > 2
     assert kernel.keys() == python.keys()
     differing = [name for name in kernel if kernel[name] != python[name]]

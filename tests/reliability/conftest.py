@@ -37,7 +37,7 @@ def neox(pristine: dict[str, Path], tmp_path: Path) -> Path:
 
 @pytest.fixture
 def hf(pristine: dict[str, Path], tmp_path: Path) -> Path:
-    """A private copy of a valid HF folder written by mapper (with mapper.json), free to break."""
+    """A private copy of a valid HF folder written by mapper (with its mapper/ record), free to break."""
     return Path(shutil.copytree(pristine["hf"], tmp_path / "hf"))
 
 

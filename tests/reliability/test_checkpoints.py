@@ -282,7 +282,7 @@ def test_an_old_style_bytesio_extra_state_is_allowed_and_converts_exactly(tmp_pa
     edit_torch_file(layer_file(neox, 2), _old_te_extra_state)
     outcome = run_cli(["convert", neox, out])
     assert outcome.code == 0, outcome.stderr
-    assert (out / "mapper-sidecar.safetensors").is_file()  # the non-empty FP8 metadata is kept there
+    assert (out / "mapper" / "sidecar.safetensors").is_file()  # the non-empty FP8 metadata is kept there
     back = tmp_path / "back"
     assert run_cli(["convert", out, back]).code == 0
     restored = NeoXCheckpoint(back).get("layer_02.attention.qkv._extra_state@rank0")
@@ -409,7 +409,7 @@ def test_an_hf_folder_without_config_json_is_refused(hf: Path, out: Path) -> Non
 
 def _foreign(hf: Path) -> Path:
     """The folder as another tool would have written it: no record of mapper's conversion."""
-    for name in ("mapper.json", "mapper-rules.yaml", "mapper-neox-config.yaml", "mapper-sidecar.safetensors"):
+    for name in ("mapper/record.json", "mapper/rules.yaml", "mapper/neox-config.yaml", "mapper/sidecar.safetensors"):
         (hf / name).unlink(missing_ok=True)
     return hf
 

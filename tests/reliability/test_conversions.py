@@ -89,7 +89,7 @@ def test_a_key_check_that_fails_while_streaming_stops_the_conversion_at_the_next
 ) -> None:
     """The transformers key check runs beside the streaming (importing transformers takes
     seconds); once it has failed, the next group raises its error and nothing is committed."""
-    monkeypatch.setattr(mapper.checkpoints, "expected_tensors", lambda config: {"only.this": (1,)})
+    monkeypatch.setattr(mapper.checkpoints.conversion, "expected_tensors", lambda config: {"only.this": (1,)})
     ready = prepare(neox, background_checks=True)
     assert ready.hf_key_check is not None and isinstance(ready.hf_key_check.exception(timeout=60), CompileError)
     groups: list[int] = []
@@ -108,16 +108,16 @@ def test_a_key_check_that_fails_after_the_last_group_still_commits_nothing(
         assert streamed.wait(timeout=60)
         return {"only.this": (1,)}
 
-    monkeypatch.setattr(mapper.checkpoints, "expected_tensors", slow_expected)
+    monkeypatch.setattr(mapper.checkpoints.conversion, "expected_tensors", slow_expected)
     ready = prepare(neox, background_checks=True)
-    original = mapper.checkpoints.execute
+    original = mapper.checkpoints.run.execute
 
     def execute_then_release(*args: object, **kwargs: object) -> object:
         report = original(*args, **kwargs)
         streamed.set()
         return report
 
-    monkeypatch.setattr(mapper.checkpoints, "execute", execute_then_release)
+    monkeypatch.setattr(mapper.checkpoints.run, "execute", execute_then_release)
     with pytest.raises(CompileError, match="only.this"):
         convert_checkpoint(neox, out, prepared=ready)
     assert_nothing_left(out)

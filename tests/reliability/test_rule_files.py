@@ -176,12 +176,12 @@ def test_inverting_a_drop_without_restore_and_without_sidecar_is_refused(tmp_pat
     neox = neox_checkpoint(tmp_path / "te", "te-mha", tp=1)
     hf = tmp_path / "hf"
     assert run_cli(["convert", neox, hf, "--rules", forward]).code == 0
-    (hf / "mapper-sidecar.safetensors").unlink()
+    (hf / "mapper" / "sidecar.safetensors").unlink()
 
     assert_refusal(
         ["convert", hf, out, "--rules", forward], CompileError,
         names=["extra-state-te-mha#0", "extra-state-te-mha.yaml", "layer_02.attention.qkv._extra_state@rank0"],
-        says=["needs the sidecar", "mapper-sidecar.safetensors"],
+        says=["needs the sidecar", "mapper/sidecar.safetensors"],
     )
     assert_nothing_left(out, tmp_path)
 
@@ -198,7 +198,7 @@ def test_inverting_a_slice_without_fill_and_without_sidecar_is_refused(tmp_path:
     neox = neox_checkpoint(tmp_path / "neox", "neox-new", tp=1)
     hf = tmp_path / "hf"
     assert run_cli(["convert", neox, hf, "--rules", forward, "--trim-vocab", "100"]).code == 0
-    (hf / "mapper-sidecar.safetensors").unlink()
+    (hf / "mapper" / "sidecar.safetensors").unlink()
 
     assert_refusal(
         ["convert", hf, out, "--rules", forward], CompileError,

@@ -8,6 +8,8 @@ NeoX's own forward pass, convert back to NeoX (bit-exact with the sidecar) and b
 
 from __future__ import annotations
 
+import shutil
+
 from pathlib import Path
 
 import pytest
@@ -98,7 +100,7 @@ def test_trimmed_vocabulary_comes_back_from_the_sidecar(tmp_path: Path):
 def test_hf_folder_without_a_record_needs_the_variant_named(tmp_path: Path):
     config, tensors = synthesize_variant("neox-new", tp=1)
     hf = convert_checkpoint(write_neox_checkpoint(tensors, config, tmp_path / "neox"), tmp_path / "hf")
-    (hf.output / "mapper.json").unlink()
+    shutil.rmtree(hf.output / "mapper")  # no record: a plain HF folder
     from mapper.errors import MapperError
 
     with pytest.raises(MapperError, match="several NeoX layouts can hold it") as caught:

@@ -40,9 +40,7 @@ def hf_model_for(config: NeoXModelConfig, tensors: dict[str, torch.Tensor], arch
     ``customize`` may change modules before loading (e.g. the custom MLP of a bug being modelled);
     ``hf_overrides`` changes config.json values (a wrong config is a mistake too).
     """
-    down = next(v for k, v in tensors.items() if k.endswith(("dense_4h_to_h.weight", "down_proj.weight")))
-    embed = next(v for k, v in tensors.items() if k.endswith(("embed_in.weight", "embed_tokens.weight")))
-    hf = config.to_hf_config(arch, intermediate_size=down.shape[1], vocab_size=embed.shape[0])  # type: ignore[arg-type]
+    hf = config.to_hf_config(arch, shapes={k: tuple(v.shape) for k, v in tensors.items()})  # type: ignore[arg-type]
     values = {k: v for k, v in {**hf, **(hf_overrides or {})}.items() if k not in ("model_type", "architectures")}
     config_cls, model_cls = (GPTNeoXConfig, GPTNeoXForCausalLM) if arch == "gpt_neox" else (LlamaConfig, LlamaForCausalLM)
     model = model_cls(config_cls(**values)).eval()
