@@ -215,6 +215,7 @@ def convert(
     set_: SetOpt = None,
     strict: Annotated[bool, typer.Option("--strict", help="Refuse settings HF can only approximate (e.g. TE LayerNormMLP's fixed eps) instead of converting and recording them.")] = False,
     force_rules: Annotated[bool, typer.Option("--force-rules", help="Use --rules even when its variant contradicts the config (its settings win).")] = False,
+    tokenizer: Annotated[Optional[Path], typer.Option("--tokenizer", help="Tokenizer file or folder to write with the output, instead of the one the NeoX config names (tokenizer.json, vocab.json + merges.txt, .model, .tiktoken, or an HF tokenizer folder).")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Convert a checkpoint: NeoX -> HF, or HF -> NeoX (the rule set's inverse)."""
@@ -222,7 +223,7 @@ def convert(
 
     ready = prepare(src, rules=rules, config_files=config or [], tp=tp, trim_vocab=trim_vocab, parameters=_params(param),
                     settings=_settings(set_), strict=strict, force_rules=force_rules, dtype=_dtype(dtype),
-                    background_checks=True)  # convert_checkpoint waits for them before committing
+                    tokenizer=tokenizer, background_checks=True)  # convert_checkpoint waits for them before committing
     _notes(ready.notes, as_json=as_json, warnings=ready.warnings)
     if not as_json and not STATE.quiet:
         direction = "NeoX -> HF" if ready.direction == "neox-to-hf" else "HF -> NeoX"

@@ -36,7 +36,7 @@ def run_demo(out_dir: Path, console: Console) -> None:
 
     console.rule("1. a tiny Transformer Engine checkpoint (TP=2)")
     config, tensors = synthesize_variant("te-full-fp8", tp=2, seed=0)
-    neox = write_neox_checkpoint(tensors, config, out_dir / "neox-te")
+    neox = write_neox_checkpoint(tensors, config, out_dir / "neox-te", tokenizer=True)
     console.print(f"{neox}: {len(tensors)} tensors in pipeline files, {config.num_layers} layers, hidden "
                   f"{config.hidden_size}, te_mha + te_layernorm_mlp, FP8 _extra_state, stale post_attention_layernorm")
 
@@ -70,5 +70,5 @@ def run_demo(out_dir: Path, console: Console) -> None:
         f"  mapper convert /path/to/checkpoints hf-out     # NeoX -> HF (config from configs/ or --config)\n"
         f"  mapper verify  /path/to/checkpoints hf-out     # layer-by-layer proof, exit 1 if it differs\n"
         f"  mapper convert hf-out neox-again --tp 2        # and back\n"
-        "A new Transformer Engine variant? mapper rules new my-variant --from neox-te-to-hf-gpt-neox"
+        "A layout no shipped rule set knows? mapper rules new my-rules --from neox-to-hf-gpt-neox"
     )

@@ -35,6 +35,7 @@ from mapper.formats.writing import WRITER_THREADS
 from mapper.hf_models import expected_tensors, transformers_available
 from mapper.spec import RuleSet
 from mapper.tensors import Source
+from mapper.tokenizer import plan_neox_tokenizer, plan_tokenizer
 
 
 @dataclass
@@ -56,6 +57,7 @@ class Prepared:
     notes: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)  # things a person should check (printed as warnings)
     approximations: list[Approximation] = field(default_factory=list)
+    tokenizer: Any = None  # mapper.tokenizer TokenizerPlan (HF output) or NeoXTokenizerPlan (NeoX output)
     hf_key_check: Future[None] | None = None  # still running when prepared with background_checks
 
     @property
@@ -179,6 +181,11 @@ def _from_neox(source: NeoXCheckpoint, opts: ConversionOptions) -> Prepared:
         hf_config["dtype"] = str(opts.dtype).removeprefix("torch.")
     elif opts.weights == "master":
         hf_config["dtype"] = "float32"
+    tokenizer = plan_tokenizer(described.raw, source.root, override=opts.tokenizer,
+                               embedding_rows=hf_config["vocab_size"], config_files=opts.config_files or source.config_files)
+    hf_config.update(tokenizer.config_fields())
+    notes.extend(tokenizer.notes)
+    warnings.extend(str(w) for w in tokenizer.warnings)
     key_check = None
     if transformers_available():
         key_check = _in_background(lambda: check_expected(plan, expected_tensors(hf_config)), "mapper-hf-key-check")
@@ -188,7 +195,7 @@ def _from_neox(source: NeoXCheckpoint, opts: ConversionOptions) -> Prepared:
     return Prepared(
         direction, reader, forward, forward, model, plan.parameters, plan, opts, hf_config=hf_config,
         neox_yaml=neox_yaml_for(model, described.raw, tp=model.tp), detection=detection, notes=notes, warnings=warnings,
-        approximations=approximate, hf_key_check=key_check,
+        approximations=approximate, tokenizer=tokenizer, hf_key_check=key_check,
     )
 
 
@@ -201,10 +208,12 @@ def _from_hf(source: HFCheckpoint, opts: ConversionOptions) -> Prepared:
     sidecar = read_sidecar(source.path, described.forward, described.record, parameters["tp"], described.notes)
     inverse = described.forward.invert()
     plan = compile_plan(inverse, source.manifest(), parameters, sidecar=sidecar)
+    tokenizer = plan_neox_tokenizer(source.path, override=opts.tokenizer, neox_yaml=described.raw or None)
     return Prepared(
         "hf-to-neox", source, inverse, described.forward, described.model, plan.parameters, plan, opts,
         neox_yaml=neox_yaml_for(described.model, described.raw, tp=plan.parameters["tp"]), sidecar=sidecar,
-        notes=described.notes + plan.notes, warnings=described.warnings,
+        notes=described.notes + plan.notes + tokenizer.notes,
+        warnings=described.warnings + [str(w) for w in tokenizer.warnings], tokenizer=tokenizer,
     )
 
 

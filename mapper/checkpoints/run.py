@@ -68,6 +68,8 @@ def convert_checkpoint(
         if on_group is not None:
             on_group(index, nbytes)
 
+    if ready.direction == "hf-to-neox" and ready.tokenizer is not None and ready.neox_yaml is not None:
+        ready.neox_yaml.update(ready.tokenizer.yaml_keys(Path(out)))  # where NeoX will find it, not the source's path
     writer = _writer(ready, Path(out), max_shard_size=max_shard_size, force=force, part=part)
     with writer:
         if on_start is not None:
@@ -77,8 +79,11 @@ def convert_checkpoint(
             cast=ready.options.dtype, part=part, on_group=group_done,
         )
         ready.wait_for_checks()
+        last = part is None or part[0] == part[1]
         if ready.to_hf:
             _write_record(ready, writer.staging, report, part)
+        if ready.tokenizer is not None and last:
+            ready.tokenizer.write(writer.staging)
     return ConversionResult(ready, report, writer.finalize() if part is None else None)
 
 

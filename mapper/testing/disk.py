@@ -15,6 +15,7 @@ import yaml
 
 from mapper.configs import NeoXModelConfig
 from mapper.formats.naming import layer_file_name, mp_rank_file_name, parse_neox_key
+from mapper.testing.tokenizer import write_tiny_tokenizer
 
 Layout = Literal["pipeline", "sequential"]
 
@@ -26,12 +27,15 @@ def write_neox_checkpoint(
     *,
     layout: Layout = "pipeline",
     tag: str = "global_step100",
+    tokenizer: bool = False,
 ) -> Path:
     """Save flattened NeoX ``tensors`` under ``root/<tag>/`` with ``latest`` and ``configs/``.
 
     Returns ``root`` (what a user passes to mapper). Pipeline layout: one
     ``layer_XX-model_YY-model_states.pt`` per layer and rank, plus ``mp_rank`` files holding only
     training state; sequential layout: one ``mp_rank`` file per rank with ``sequential.N.key``.
+    ``tokenizer`` adds the tiny word-level tokenizer (:mod:`mapper.testing.tokenizer`) beside
+    ``latest``, named by the config as a training cluster's path would (found by its file name).
     """
     folder = root / tag
     folder.mkdir(parents=True, exist_ok=True)
@@ -50,7 +54,11 @@ def write_neox_checkpoint(
             module = {f"sequential.{idx}.{k}": t for (idx, r), s in sorted(by_file.items()) if r == rank for k, t in s.items()}
         torch.save(_training_state(module, len(ranks), iteration), folder / mp_rank_file_name(rank))
     (folder / "configs").mkdir(exist_ok=True)
-    (folder / "configs" / "model.yml").write_text(yaml.safe_dump(config.to_neox_yaml(), sort_keys=False))
+    neox_yaml = config.to_neox_yaml()
+    if tokenizer:
+        write_tiny_tokenizer(root, config.orig_vocab_size or 100)
+        neox_yaml.update({"tokenizer-type": "HFTokenizer", "vocab-file": "/cluster/data/tokenizer.json"})
+    (folder / "configs" / "model.yml").write_text(yaml.safe_dump(neox_yaml, sort_keys=False))
     (root / "latest").write_text(tag)
     return root
 
