@@ -204,7 +204,10 @@ def convert(
     out_dir: Annotated[Path, typer.Argument(metavar="OUT", help="Output folder (appears complete or not at all).")],
     rules: RulesOpt = None,
     config: ConfigOpt = None,
-    tp: Annotated[Optional[int], typer.Option("--tp", help="TP degree of a NeoX output (HF -> NeoX). Default: the original, else 1.", min=1)] = None,
+    to: Annotated[Optional[str], typer.Option("--to", help="Output format: hf or neox. Default: the other one (neox -> neox re-shards a NeoX checkpoint, with --tp and --layout).")] = None,
+    tp: Annotated[Optional[int], typer.Option("--tp", help="TP degree of a NeoX output. Default: the original, else 1.", min=1)] = None,
+    layout: Annotated[Optional[str], typer.Option("--layout", help="Layout of a NeoX output: pipeline (one file per layer and rank) or sequential (one file per rank). Default: the source's, else pipeline.")] = None,
+    weights: Annotated[str, typer.Option("--weights", help="NeoX source weights: module (the model states) or master (the fp32 master copies in the ZeRO optimizer shards of a bf16/fp16 run).")] = "module",
     dtype: Annotated[Optional[str], typer.Option("--dtype", help="Cast floating tensors (float32, bfloat16, float16); overflow is an error.")] = None,
     trim_vocab: Annotated[Optional[int], typer.Option("--trim-vocab", help="Keep only the first N vocabulary rows (cut rows go to the sidecar).", min=1)] = None,
     max_shard_size: Annotated[str, typer.Option("--max-shard-size", help="Largest HF shard, e.g. 5GB, 500MB.")] = "5GB",
@@ -223,12 +226,14 @@ def convert(
 
     ready = prepare(src, rules=rules, config_files=config or [], tp=tp, trim_vocab=trim_vocab, parameters=_params(param),
                     settings=_settings(set_), strict=strict, force_rules=force_rules, dtype=_dtype(dtype),
-                    tokenizer=tokenizer, background_checks=True)  # convert_checkpoint waits for them before committing
+                    tokenizer=tokenizer, to=to, layout=layout, weights=weights, background_checks=True)  # convert_checkpoint waits for them before committing
     _notes(ready.notes, as_json=as_json, warnings=ready.warnings)
     if not as_json and not STATE.quiet:
-        direction = "NeoX -> HF" if ready.direction == "neox-to-hf" else "HF -> NeoX"
-        out.print(f"{direction} with rule set [bold]{ready.forward_rules.name}[/bold] {ready.forward_rules.version}"
-                  + (" (inverted)" if ready.direction == "hf-to-neox" else ""))
+        direction = {"neox-to-hf": "NeoX -> HF", "hf-to-neox": "HF -> NeoX",
+                     "neox-to-neox": f"NeoX -> NeoX (TP {getattr(ready.source, 'tp', '?')} -> {ready.output_tp})"}
+        how = {"neox-to-hf": "", "hf-to-neox": " (inverted)", "neox-to-neox": " and its inverse"}
+        out.print(f"{direction[ready.direction]} with rule set [bold]{ready.forward_rules.name}[/bold] "
+                  f"{ready.forward_rules.version}{how[ready.direction]}")
     with _progress("converting") as (started, advanced):
         result = convert_checkpoint(
             src, out_dir, max_shard_size=_size(max_shard_size), force=force, part=_part(part),

@@ -20,7 +20,8 @@ from mapper import __version__
 from mapper.checkpoints.hf_side import HFDescription, describe_hf, hf_output_config, read_sidecar
 from mapper.checkpoints.neox_side import HISTORY_SETTINGS, choose_rules, describe_neox, neox_yaml_for
 from mapper.checkpoints.options import ConversionOptions, Direction, options as make_options
-from mapper.configs import NeoXModelConfig
+from mapper.configs import NeoXModelConfig, pad_vocab_size
+from mapper.configs.neox_yaml import validated
 from mapper.configs.hf import Approximation
 from mapper.detect import Detection
 from mapper.engine import Plan, Sidecar, compile_plan
@@ -52,6 +53,7 @@ class Prepared:
     options: ConversionOptions
     hf_config: dict[str, Any] | None = None  # an HF output's config.json
     neox_yaml: dict[str, Any] | None = None  # a NeoX output's config (also recorded beside an HF output)
+    layout: str = "pipeline"  # of a NeoX output
     sidecar: Sidecar | None = None
     detection: Detection | None = None
     notes: list[str] = field(default_factory=list)
@@ -86,7 +88,8 @@ class Prepared:
     def output_groups(self, max_shard_size: int = 5 * 10**9) -> list[list[str]]:
         """The target keys of each output file, as the writer will plan them (no I/O)."""
         manifest = self.target_manifest()
-        files = plan_shards(manifest, max_shard_size) if self.to_hf else plan_layer_files(manifest, self.output_tp)
+        files = (plan_shards(manifest, max_shard_size) if self.to_hf
+                 else plan_layer_files(manifest, self.output_tp, layout=self.layout))
         return [list(f.keys) for f in files]
 
     def peak_memory_bytes(self, max_shard_size: int = 5 * 10**9) -> int:
@@ -168,11 +171,12 @@ def _from_neox(source: NeoXCheckpoint, opts: ConversionOptions) -> Prepared:
         reader = open_master_weights(source.path)
         described.notes.extend(getattr(reader, "notes", []))
     parameters = {**described.parameters, **opts.parameters}
-    detected = detection.chosen.plan if detection is not None and detection.chosen is not None else None
-    plan = detected if detected is not None and reader is source else compile_plan(forward, reader.manifest(), parameters)
     notes, warnings = described.notes, described.warnings
     if direction == "neox-to-neox":
-        return _reshard(reader, forward, plan, model, described.raw, opts, detection, notes, warnings)
+        return _reshard(reader, forward, model, described.raw, parameters, opts, detection, notes, warnings,
+                        opts.layout or source.layout)
+    detected = detection.chosen.plan if detection is not None and detection.chosen is not None else None
+    plan = detected if detected is not None and reader is source else compile_plan(forward, reader.manifest(), parameters)
 
     hf_config, approximate = hf_output_config(model, forward, {key: meta.shape for key, meta in plan.target_manifest.items()}, strict=opts.strict)
     warnings.extend(f"approximation: {a.setting}: NeoX computes {a.neox}; HF computes {a.hf} ({a.effect}; "
@@ -211,37 +215,58 @@ def _from_hf(source: HFCheckpoint, opts: ConversionOptions) -> Prepared:
     tokenizer = plan_neox_tokenizer(source.path, override=opts.tokenizer, neox_yaml=described.raw or None)
     return Prepared(
         "hf-to-neox", source, inverse, described.forward, described.model, plan.parameters, plan, opts,
-        neox_yaml=neox_yaml_for(described.model, described.raw, tp=plan.parameters["tp"]), sidecar=sidecar,
+        neox_yaml=neox_yaml_for(described.model, described.raw, tp=plan.parameters["tp"]), layout=opts.layout or "pipeline",
+        sidecar=sidecar,
         notes=described.notes + plan.notes + tokenizer.notes,
         warnings=described.warnings + [str(w) for w in tokenizer.warnings], tokenizer=tokenizer,
     )
 
 
-def _reshard(reader: Source, forward: RuleSet, merged: Plan, model: NeoXModelConfig, raw: Mapping[str, Any],
-             opts: ConversionOptions, detection: Detection | None, notes: list[str], warnings: list[str]) -> Prepared:
-    """NeoX -> NeoX: the rule set merges the ranks, its inverse shards them again at ``--tp``."""
+def _reshard(reader: Source, forward: RuleSet, model: NeoXModelConfig, raw: Mapping[str, Any],
+             parameters: dict[str, int], opts: ConversionOptions, detection: Detection | None, notes: list[str],
+             warnings: list[str], layout: str) -> Prepared:
+    """NeoX -> NeoX: the rule set merges the ranks, its inverse shards them again at ``--tp``.
+
+    NeoX pads the vocabulary to a multiple of make-vocab-size-divisible-by x TP, so the embedding
+    and output layer are cut to the rows both degrees share and padded with zeros to the new
+    degree's size (TP m -> n -> m gives every row back)."""
     out_tp = opts.tp or model.tp
-    out_model = model.model_copy(update={"tp": out_tp})
-    NeoXModelConfig.model_validate(out_model.model_dump())  # heads and vocabulary must divide by the new TP
-    inverse = forward.invert()
-    parameters = {**merged.parameters, **out_model.rule_parameters(), **opts.parameters}
     if out_tp == model.tp:  # a layout change: every tensor passes through as it is
-        plan = identity_plan(reader.manifest(), forward, out_model.rule_parameters())
+        plan = identity_plan(reader.manifest(), forward, model.rule_parameters())
         return Prepared(
-            "neox-to-neox", reader, forward, forward, out_model, plan.parameters, plan, opts,
-            neox_yaml=neox_yaml_for(out_model, raw, tp=out_tp), detection=detection,
+            "neox-to-neox", reader, forward, forward, model, plan.parameters, plan, opts,
+            neox_yaml=neox_yaml_for(model, raw, tp=out_tp), layout=layout, detection=detection,
             notes=notes + ["same TP degree: every tensor is written as it is (layout change only)"], warnings=warnings,
         )
-    sharded = compile_plan(inverse, merged.target_manifest, parameters)
+    tokens = model.orig_vocab_size or model.vocab_size
+    out_vocab = pad_vocab_size(tokens, model.make_vocab_size_divisible_by, out_tp)
+    try:
+        out_model = validated({**model.model_dump(), "tp": out_tp, "vocab_size": out_vocab}, where="--tp")
+    except MapperError as error:
+        raise MapperError(f"cannot re-shard to TP {out_tp}: {error.message}", where="--tp",
+                          hint="choose a TP degree that divides the attention heads and key/value heads") from None
+    keep = min(model.vocab_size, out_vocab)
+    if out_vocab < model.vocab_size:
+        warnings.append(f"the vocabulary is padded to {out_vocab} rows at TP {out_tp} (was {model.vocab_size}): rows "
+                        f"{out_vocab}..{model.vocab_size - 1} are padding NeoX never feeds or predicts, and are cut")
+    if model.orig_vocab_size is None:
+        warnings.append(f"the tokenizer's vocabulary size is unknown: NeoX at TP {out_tp} pads its own count to a "
+                        f"multiple of {model.make_vocab_size_divisible_by * out_tp}; {out_vocab} rows were written "
+                        "(give the tokenizer, or --set vocab-size=N, if NeoX disagrees when it loads)")
+    trim = keep if keep != model.vocab_size or out_vocab != model.vocab_size else 0
+    merged = compile_plan(forward, reader.manifest(), {**parameters, "trim_vocab": trim})
+    inverse = forward.invert()
+    sharded = compile_plan(inverse, merged.target_manifest,
+                           {**merged.parameters, **out_model.rule_parameters(), "trim_vocab": trim, **opts.parameters})
     plan = chain_plans(merged, sharded)
-    for node in sharded.nodes:
-        if not node.inputs and node.op.name == "create":
-            notes.append(f"{node.outputs[0].key}: {node.op.note or 're-created'} (its default; per-rank FP8 metadata "
-                         "cannot follow a new TP degree)")
-            break
+    notes.extend(sharded.notes)
+    if any(not node.inputs for node in sharded.nodes):
+        notes.append("TE FP8 metadata (_extra_state) is written empty: its per-rank scaling history cannot follow a "
+                     "new TP degree (TE starts a new one when training resumes)")
     return Prepared(
         "neox-to-neox", reader, inverse, forward, out_model, plan.parameters, plan, opts,
-        neox_yaml=neox_yaml_for(out_model, raw, tp=out_tp), detection=detection, notes=notes, warnings=warnings,
+        neox_yaml=neox_yaml_for(out_model, raw, tp=out_tp), layout=layout, detection=detection, notes=notes,
+        warnings=warnings,
     )
 
 

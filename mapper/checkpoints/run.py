@@ -105,7 +105,8 @@ def _writer(ready: Prepared, out: Path, *, max_shard_size: int, force: bool,
         locate = source.file_range if isinstance(source, NeoXCheckpoint) else None
         return HFWriter(out, config=dict(ready.hf_config or {}), max_shard_size=max_shard_size, metadata=metadata,
                         parts=part, force=force, inputs=inputs, locate=locate)
-    return NeoXWriter(out, yaml_config=ready.neox_yaml, tp=ready.output_tp, parts=part, force=force, inputs=inputs)
+    return NeoXWriter(out, yaml_config=ready.neox_yaml, tp=ready.output_tp, parts=part, force=force, inputs=inputs,
+                      layout=ready.layout)
 
 
 def _write_record(ready: Prepared, staging: Path, report: ExecutionReport, part: tuple[int, int] | None) -> None:

@@ -1,11 +1,16 @@
-"""Writing GPT-NeoX checkpoints in the pipeline layout, loadable by NeoX/DeepSpeed.
+"""Writing GPT-NeoX checkpoints in the pipeline or the sequential layout, loadable by NeoX/DeepSpeed.
 
 Output (``tag`` defaults to ``global_step0``)::
 
     OUT/latest                                   the tag, as DeepSpeed's save_checkpoint writes it
-    OUT/<tag>/layer_XX-model_YY-model_states.pt  torch.save of a plain {key: tensor} dict
-    OUT/<tag>/mp_rank_YY_model_states.pt         DeepSpeed's per-TP-rank state (below)
+    OUT/<tag>/layer_XX-model_YY-model_states.pt  pipeline layout: torch.save of a plain {key: tensor} dict
+    OUT/<tag>/mp_rank_YY_model_states.pt         DeepSpeed's per-TP-rank state (below); in the
+                                                 sequential layout its ``module`` holds every tensor
+                                                 of the rank as ``sequential.{idx}.{key}``
     OUT/<tag>/configs/<config_name>              the NeoX YAML config, when given
+
+The sequential layout has one file per rank, so writing it holds a whole rank's tensors at once;
+the pipeline layout holds one layer file's.
 
 Why the ``mp_rank`` files: ``DeepSpeedEngine._load_checkpoint`` globs ``mp_rank_*_model_states.pt``
 in the tag folder and loads the one of its TP rank first (``SDLoaderBase.check_ckpt_list``
@@ -95,8 +100,9 @@ def mp_rank_state(tp: int, iteration: int) -> dict[str, Any]:
     }
 
 
-def plan_layer_files(manifest: Manifest, tp: int, tag: str = "global_step0") -> list[PlannedFile]:
-    """One pipeline layer file per (layer, rank), every layer on all ``tp`` ranks."""
+def plan_layer_files(manifest: Manifest, tp: int, tag: str = "global_step0", layout: str = "pipeline") -> list[PlannedFile]:
+    """One pipeline layer file per (layer, rank), every layer on all ``tp`` ranks (sequential
+    layout: one ``mp_rank`` file per rank)."""
     if not manifest:
         raise ConversionError("nothing to write: the target manifest is empty", hint="check the rule set")
     files: dict[tuple[int, int], list[str]] = defaultdict(list)
@@ -122,6 +128,11 @@ def plan_layer_files(manifest: Manifest, tp: int, tag: str = "global_step0") -> 
             hint=f"every layer needs tensors for all {tp} TP ranks",
         )
     plan = []
+    if layout == "sequential":
+        for rank in range(tp):
+            keys = sorted((k for (_, r), ks in files.items() if r == rank for k in ks), key=natural_key)
+            plan.append(PlannedFile(f"{tag}/{mp_rank_file_name(rank)}", tuple(keys), tuple(manifest[k] for k in keys)))
+        return plan
     for idx, rank in sorted(files):
         keys = sorted(files[(idx, rank)], key=natural_key)
         plan.append(PlannedFile(f"{tag}/{layer_file_name(idx, rank)}", tuple(keys), tuple(manifest[k] for k in keys)))
@@ -141,6 +152,7 @@ class NeoXWriter(StagedWriter):
         tp: int,
         tag: str = "global_step0",
         config_name: str = "config.yml",
+        layout: str = "pipeline",
         parts: tuple[int, int] | None = None,
         force: bool = False,
         inputs: Iterable[str | Path] = (),
@@ -154,7 +166,10 @@ class NeoXWriter(StagedWriter):
                     f"{name}={value!r} is not a plain file name",
                     hint="use letters, digits and _ . + - only, e.g. global_step0",
                 )
+        if layout not in ("pipeline", "sequential"):
+            raise ConversionError(f"layout {layout!r} is not pipeline or sequential", hint="--layout pipeline|sequential")
         self.yaml_config = dict(yaml_config) if yaml_config is not None else None
+        self.layout = layout
         self.tp = tp
         self.tag = tag
         self.config_name = config_name
@@ -166,17 +181,25 @@ class NeoXWriter(StagedWriter):
             "tp": self.tp,
             "tag": self.tag,
             "config_name": self.config_name,
+            "layout": self.layout,
         }
 
     def _plan(self, manifest: Manifest) -> list[PlannedFile]:
-        return plan_layer_files(manifest, self.tp, self.tag)
+        return plan_layer_files(manifest, self.tp, self.tag, self.layout)
 
     def _write_file(
         self, folder: Path, planned: PlannedFile, tensors: Mapping[str, torch.Tensor], stop: threading.Event
     ) -> None:
         if stop.is_set():
             raise Cancelled(f"writing was cancelled before {planned.name}")
-        state = {parse_neox_key(key).key: own_storage(tensors[key]) for key in planned.keys}
+        if self.layout == "sequential":  # DeepSpeed's rank state, the module inside
+            module = {}
+            for key in planned.keys:
+                name = parse_neox_key(key)
+                module[f"sequential.{name.idx}.{name.key}"] = own_storage(tensors[key])
+            state: dict[str, Any] = {**mp_rank_state(self.tp, iteration_of(self.tag)), "module": module}
+        else:
+            state = {parse_neox_key(key).key: own_storage(tensors[key]) for key in planned.keys}
         path = folder / planned.name
         path.parent.mkdir(parents=True, exist_ok=True)
         with AtomicFile(path, needed=planned.nbytes, total=self._total_bytes(), sync=False) as f:
@@ -187,9 +210,10 @@ class NeoXWriter(StagedWriter):
         tag, tp = str(options["tag"]), int(options["tp"])
         tag_dir = folder / tag
         tag_dir.mkdir(parents=True, exist_ok=True)
-        for rank in range(tp):
-            with AtomicFile(tag_dir / mp_rank_file_name(rank)) as f:
-                save(mp_rank_state(tp, iteration_of(tag)), f)
+        if options.get("layout", "pipeline") == "pipeline":  # the sequential layout's rank files hold the module
+            for rank in range(tp):
+                with AtomicFile(tag_dir / mp_rank_file_name(rank)) as f:
+                    save(mp_rank_state(tp, iteration_of(tag)), f)
         if options.get("yaml_config") is not None:
             (tag_dir / "configs").mkdir(exist_ok=True)
             text = yaml.safe_dump(options["yaml_config"], sort_keys=False)
