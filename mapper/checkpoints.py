@@ -192,7 +192,7 @@ def convert_checkpoint(
             cast=dtype, part=part, on_group=group_done,
         )
         ready.wait_for_checks()
-        _write_extras(ready, writer.staging, report, part)
+        _write_extras(ready, writer.staging, report, part, dtype)
     return ConversionResult(ready, report, writer.finalize() if part is None else None)
 
 
@@ -541,13 +541,16 @@ def _writer(
     return NeoXWriter(out, yaml_config=ready.neox_yaml, tp=ready.output_tp, parts=part, force=force, inputs=inputs)
 
 
-def _write_extras(ready: Prepared, staging: Path, report: ExecutionReport, part: tuple[int, int] | None) -> None:
-    """The conversion record, the NeoX config and the sidecar, beside the model files."""
+def _write_extras(ready: Prepared, staging: Path, report: ExecutionReport, part: tuple[int, int] | None,
+                  dtype: torch.dtype | None = None) -> None:
+    """The conversion record (with the ``--dtype`` cast, which verify compares in), the NeoX
+    config and the sidecar, beside the model files."""
     if ready.direction != "neox-to-hf":
         return
     suffix = f".part-{part[0]:05d}-of-{part[1]:05d}" if part else ""
     if part is None or part[0] == part[1]:
-        write_bytes_atomic(staging / RECORD_FILE, (json.dumps(ready.record(), indent=2) + "\n").encode())
+        record = {**ready.record(), **({"dtype": str(dtype).removeprefix("torch.")} if dtype is not None else {})}
+        write_bytes_atomic(staging / RECORD_FILE, (json.dumps(record, indent=2) + "\n").encode())
         write_bytes_atomic(staging / RULES_FILE, dump_rule_set(ready.forward_rules).encode())
         write_bytes_atomic(staging / NEOX_CONFIG_FILE, yaml.safe_dump(_plain(ready.neox_yaml), sort_keys=False).encode())
     if report.sidecar.entries or report.sidecar.dropped:

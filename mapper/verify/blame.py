@@ -81,7 +81,8 @@ def rank_rules(plan: Any, keys: Sequence[str], first: Sequence[str] = ()) -> lis
     refs = []
     for rule in ranked:
         op = ops.get(rule, (0, None))[1]
-        reasons = [_op_kind(op) if op is not None else "rule"]
+        mode = getattr(op, "mode", "concat")
+        reasons = [type(op).__name__.lower() + (f" ({mode})" if mode != "concat" else "") if op is not None else "rule"]
         if getattr(op, "when", None):
             reasons.append(f"when {op.when}")
         if rule in leading:

@@ -42,6 +42,7 @@ class PointComparison:
     compared_vocab: int | None = None  # logits columns compared (HF may hold a trimmed vocab)
     basis: str = "value"  # "update" for blocks: output − input
     probe: PointComparison | None = None  # the same point on a small-scale input
+    halves_ok: bool = True  # a dump's stream between attention and MLP agrees too (when it has one)
 
     def why(self) -> str:
         """Which bound this point breaks, in words."""
@@ -51,6 +52,8 @@ class PointComparison:
         if not self.rel_err <= self.rtol:
             reasons.append(f"rel err {self.rel_err:.3g} > {self.rtol:.3g}"
                            + (" (relative to the block's update)" if self.basis == "update" else ""))
+        if not self.halves_ok:
+            reasons.append("the residual stream between its attention and MLP differs")
         if self.probe is not None and not self.probe.ok:
             reasons.append(f"on a small-scale input (where norm epsilons matter): {self.probe.why()}")
         return "; ".join(reasons) or "within tolerance"

@@ -255,12 +255,15 @@ def walk(
                 probe = point(f"blocks.{index}@small-scale", reference.block(index, small, handle), layer(small),
                               before=small)
             judged = point(f"blocks.{index}", ref_y, cand, before=ref_x, probe=probe)
+            halves = [] if computes else reference.parts(index, layer, ref_x, ref_y, point)
+            if not all(h.ok for h in halves):
+                judged = replace(judged, ok=False, halves_ok=False)
             if not judged.ok and failed_block is None and all(p.ok for p in points):
                 failed_block = index
                 if computes:
                     parts = reference.parts(index, handle, layer, ref_x, lambda n, r, c: point(n, r, c))
                 else:
-                    parts = reference.parts(index, layer, ref_x, ref_y, point)
+                    parts = halves
         points.append(judged)
         ref_x = ref_y
         del handle
