@@ -210,13 +210,17 @@ class StreamedHF(HFStages):
 
     @contextmanager
     def stage(self, module: nn.Module) -> Iterator[nn.Module]:
+        """``module`` with its weights from the files: the mapped tensors themselves when they are
+        already in the compute dtype (no copy; their pages leave with the module), else cast
+        copies. Back on the meta device afterwards."""
         prefix = self.names[id(module)]
-        module.to_empty(device=self.device)
+        state = {}
+        for name in module.state_dict():
+            full = f"{prefix}.{name}" if prefix else name
+            state[name] = self.reader.get(self._file_key(full)).to(self.device, self.dtype)
+        module.load_state_dict(state, strict=True, assign=True)
+        del state
         try:
-            with torch.no_grad():
-                for name, param in module.named_parameters():
-                    full = f"{prefix}.{name}" if prefix else name
-                    param.copy_(self.reader.get(self._file_key(full)))
             yield module
         finally:
             module.to("meta")
