@@ -265,7 +265,7 @@ def capture(model, neox_args, ids: torch.Tensor) -> dict[str, torch.Tensor]:
     for i, layer in enumerate(points["layers"]):
         handles.append(layer.register_forward_hook(keep(f"blocks.{i}", True)))
         if not neox_args.gpt_j_residual:  # the residual stream between attention and MLP
-            inner = layer.mlp if neox_args.te_layernorm_mlp else layer.post_attention_layernorm
+            inner = layer.mlp if getattr(neox_args, "te_layernorm_mlp", False) else layer.post_attention_layernorm
             handles.append(inner.register_forward_pre_hook(keep(f"blocks.{i}.after_attention", True, True)))
     handles.append(points["norm"].register_forward_hook(keep("final_norm", False)))
     attention_mask, _, position_ids = get_ltor_masks_and_position_ids(ids, 0)
@@ -349,8 +349,17 @@ def run(rank: int, world_size: int, args: argparse.Namespace) -> None:
     model = build_and_load(neox_args, topology, step, dtype, device)
     ids, tokens = token_ids(args, tokenizer, vocab)
     points = capture(model, neox_args, ids.to(device))
-    if rank != 0:
-        return
+    try:
+        if rank == 0:
+            write_dump(args, neox_args, step, files, digest, ignored, neox_path, ids, tokens, points, dtype, device,
+                       world_size)
+    finally:  # every rank leaves together: a rank exiting alone can abort the others' gloo threads
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
+def write_dump(args, neox_args, step, files, digest, ignored, neox_path, ids, tokens, points, dtype, device,
+               world_size) -> None:
     settings = {key: getattr(neox_args, key, None) for key in SETTINGS}
     metadata = {
         "format": FORMAT,
