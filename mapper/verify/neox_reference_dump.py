@@ -349,18 +349,6 @@ def run(rank: int, world_size: int, args: argparse.Namespace) -> None:
     model = build_and_load(neox_args, topology, step, dtype, device)
     ids, tokens = token_ids(args, tokenizer, vocab)
     points = capture(model, neox_args, ids.to(device))
-    try:
-        if rank == 0:
-            write_dump(args, neox_args, step, files, digest, ignored, neox_path, ids, tokens, points, dtype, device,
-                       world_size)
-    finally:  # every rank leaves together: a rank exiting alone can abort the others' gloo threads
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
-
-
-def write_dump(args, neox_args, step, files, digest, ignored, neox_path, ids, tokens, points, dtype, device,
-               world_size) -> None:
-    settings = {key: getattr(neox_args, key, None) for key in SETTINGS}
     metadata = {
         "format": FORMAT,
         "tokens": tokens,
@@ -376,13 +364,18 @@ def write_dump(args, neox_args, step, files, digest, ignored, neox_path, ids, to
         "gpt_neox_commit": neox_commit(neox_path),
         "gpt_neox_path": neox_path,
         "torch_version": torch.__version__,
-        "neox_settings": json.dumps(settings, default=str),
+        "neox_settings": json.dumps({key: getattr(neox_args, key, None) for key in SETTINGS}, default=str),
     }
-    write_safetensors(args.out, {"input_ids": ids.cpu(), **points}, metadata)
-    print(f"wrote {args.out}: {len(points)} points on {tuple(ids.shape)} tokens ({tokens}), {metadata['dtype']} on "
-          f"{device}, TP {neox_args.model_parallel_size}")
-    if ignored:
-        print(f"note: config keys this gpt-neox does not know were ignored: {', '.join(ignored)}")
+    try:
+        if rank == 0:
+            write_safetensors(args.out, {"input_ids": ids.cpu(), **points}, metadata)
+            print(f"wrote {args.out}: {len(points)} points on {tuple(ids.shape)} tokens ({tokens}), "
+                  f"{metadata['dtype']} on {device}, TP {neox_args.model_parallel_size}")
+            if ignored:
+                print(f"note: config keys this gpt-neox does not know were ignored: {', '.join(ignored)}")
+    finally:  # every rank leaves together: a rank exiting alone can abort the others' gloo threads
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 def _spawned(rank: int, world_size: int, args: argparse.Namespace) -> None:
