@@ -124,10 +124,6 @@ class HFStages:
             run.module = module  # type: ignore[attr-defined]
             yield run
 
-    def final_norm(self, x: Tensor) -> Tensor:
-        with self.stage(self.parts.final_norm) as norm, torch.no_grad():
-            return first_tensor(norm(x.to(self.device, self.dtype)))
-
     @contextmanager
     def norm(self) -> Iterator[Callable[[Tensor], Tensor]]:
         with self.stage(self.parts.final_norm) as norm:

@@ -25,7 +25,6 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from mapper.configs import NeoXModelConfig
 from mapper.errors import MapperError
 from mapper.verify.blame import BLOCK, blame
 from mapper.verify.compare import common_vocab, compare_continuations, judge, logit_statistics
