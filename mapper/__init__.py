@@ -32,3 +32,12 @@ __all__ = [
     "RuleFileError", "RuleSet", "Sidecar", "UnsafeCheckpointError", "VerificationFailed",
     "compile", "convert", "convert_checkpoint", "load_rules",
 ]
+
+
+def __getattr__(name: str) -> object:
+    """``mapper.verify`` on first use (the README's ``mapper.verify.verify_checkpoints(...)``)."""
+    if name == "verify":
+        import importlib
+
+        return importlib.import_module("mapper.verify")
+    raise AttributeError(f"module 'mapper' has no attribute {name!r}")

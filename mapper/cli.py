@@ -262,7 +262,8 @@ def convert(
                   f"{result.report.bytes_written / 1e6:.1f} MB in {result.report.groups} file(s)")
         if ready.direction == "neox-to-hf" and not STATE.quiet:
             options = [f"--config {path}" for path in config or []] + [f"--set {item}" for item in set_ or []]
-            out.print(" ".join(["next: mapper verify", str(src), str(result.output), *options]))
+            out.print(" ".join(["next: mapper verify", str(src), str(result.output), *options])
+                      + ("" if dtype is None else f"   (compares in {dtype}, as mapper/record.json records)"))
 
 
 @app.command()
@@ -373,30 +374,117 @@ def detect(
 # --- verification ----------------------------------------------------------------------------
 @app.command()
 def verify(
-    neox: Annotated[Path, typer.Argument(metavar="NEOX_CHECKPOINT")],
-    hf: Annotated[Path, typer.Argument(metavar="HF_FOLDER")],
+    paths: Annotated[list[Path], typer.Argument(metavar="[NEOX_CHECKPOINT] HF_FOLDER", help="The NeoX checkpoint and the HF folder converted from it; with --reference, the HF folder alone.")],
+    reference: Annotated[Optional[Path], typer.Option("--reference", help="A dump of gpt-neox's own activations (`mapper reference-script`): verify against the training framework itself, for any variant.")] = None,
     rules: RulesOpt = None,
     config: ConfigOpt = None,
-    dtype: Annotated[str, typer.Option("--dtype", help="Compute precision of both sides (float32, or bfloat16 to match training).")] = "float32",
+    dtype: Annotated[Optional[str], typer.Option("--dtype", help="Compute precision (default: the cast recorded by `convert --dtype`, a dump's dtype, else float32).")] = None,
+    device: Annotated[str, typer.Option("--device", help="Where both forwards run: cpu or cuda.")] = "cpu",
     text: Annotated[Optional[str], typer.Option("--text", help="Verify on this text (needs --tokenizer).")] = None,
     tokenizer: Annotated[Optional[Path], typer.Option("--tokenizer", help="Local tokenizer folder for --text.")] = None,
-    tokens: Annotated[int, typer.Option("--tokens", help="Greedy continuation length compared on both sides.", min=0)] = 8,
+    tokens: Annotated[int, typer.Option("--tokens", help="Greedy continuation length compared on both sides (built-in reference).", min=0)] = 8,
     seq_len: Annotated[int, typer.Option("--seq-len", help="Generated prompt length (without --text).", min=1)] = 16,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the generated prompt.")] = 0,
+    report_file: Annotated[Optional[Path], typer.Option("--report", help="Also write the error curves across layers to this self-contained HTML file.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Run NeoX (reference forward) and HF on the same tokens; compare layer by layer. Exit 1 if they differ."""
-    from mapper.verify.checkpoints import verify_checkpoints
+    """Both forwards block by block, each point judged on the same input; exit 1 if they differ.
 
-    report = verify_checkpoints(
-        neox, hf, rules=rules, config_files=config or [], dtype=_dtype(dtype), text=text, tokenizer=tokenizer,
-        seed=seed, seq_len=seq_len, continuation=tokens,
-    )
+    Against mapper's built-in NeoX forward (NEOX_CHECKPOINT HF_FOLDER), or against gpt-neox's own
+    activations (--reference DUMP HF_FOLDER).
+    """
+    from mapper.verify.checkpoints import verify_against_reference, verify_checkpoints
+
+    if device not in ("cpu", "cuda"):
+        raise MapperError(f"--device {device!r} is not cpu or cuda", hint="--device cpu (default) or --device cuda")
+    expected = 1 if reference is not None else 2
+    if len(paths) != expected:
+        usage = "mapper verify --reference DUMP HF_FOLDER" if reference is not None else "mapper verify NEOX_CHECKPOINT HF_FOLDER"
+        raise MapperError(f"expected {expected} folder(s), got {len(paths)}", hint=f"usage: {usage}")
+    with _count_progress("verifying") as advance:
+        if reference is not None:
+            report = verify_against_reference(reference, paths[0], rules=rules, config_files=config or [],
+                                              dtype=_dtype(dtype), device=device, on_progress=advance)
+        else:
+            report = verify_checkpoints(
+                paths[0], paths[1], rules=rules, config_files=config or [], dtype=_dtype(dtype), device=device,
+                text=text, tokenizer=tokenizer, seed=seed, seq_len=seq_len, continuation=tokens, on_progress=advance,
+            )
+    if report_file is not None:
+        from mapper.verify.html import write_html
+
+        write_html(report, report_file)
     if as_json:
         _print_json(report.to_dict())
     else:
         out.print(escape(report.render()))
+        if report_file is not None:
+            out.print(f"error curves: {report_file}")
     report.raise_if_failed()
+
+
+@contextmanager
+def _count_progress(label: str) -> Iterator[Any]:
+    """A stage-count progress bar on stderr (verify: embedding, each block, norm, head, tokens)."""
+    if STATE.quiet:
+        yield None
+        return
+    progress = Progress(TextColumn(f"[bold]{label}"), BarColumn(), TextColumn("{task.completed}/{task.total} stages"),
+                        TimeRemainingColumn(), console=err, transient=True)
+    task = None
+
+    def advance(done: int, total: int) -> None:
+        nonlocal task
+        if task is None:
+            progress.start()
+            task = progress.add_task(label, total=total)
+        progress.update(task, completed=done, total=total)
+
+    try:
+        yield advance
+    finally:
+        if task is not None:
+            progress.stop()
+
+
+@app.command("reference-script")
+def reference_script_command(
+    out_file: Annotated[Optional[Path], typer.Option("--out", help="Write the script here (default: print it).")] = None,
+    ids: Annotated[Optional[Path], typer.Option("--ids", help="Also write seeded token ids (JSON) for the script's --ids.")] = None,
+    hf: Annotated[Optional[Path], typer.Option("--for", help="HF folder whose vocabulary bounds the --ids (default: 50000 ids).")] = None,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    batch: Annotated[int, typer.Option("--batch", min=1)] = 2,
+    seq_len: Annotated[int, typer.Option("--seq-len", min=1)] = 16,
+) -> None:
+    """The self-contained script that dumps gpt-neox's own activations for `verify --reference`."""
+    from mapper.verify.dump import SCRIPT, reference_script
+
+    script = reference_script()
+    if ids is not None:
+        import torch
+
+        vocab = 50000
+        if hf is not None:
+            data = json.loads((hf / "config.json").read_text(encoding="utf-8"))
+            vocab = int(data["vocab_size"])
+        chosen = torch.randint(0, vocab, (batch, seq_len), generator=torch.Generator().manual_seed(seed))
+        ids.write_text(json.dumps(chosen.tolist()) + "\n", encoding="utf-8")
+    if out_file is None:
+        sys.stdout.write(script)
+    else:
+        out_file.write_text(script, encoding="utf-8")
+    name = out_file or SCRIPT
+    err.print(
+        f"[bold]{'wrote ' + str(out_file) if out_file else 'printed ' + SCRIPT}[/bold] (torch + gpt-neox only; no mapper needed).\n"
+        f"In your gpt-neox environment (a checkout with megatron/, DeepSpeed; GPUs and Transformer Engine if the model uses it):\n"
+        f"  python {name} --checkpoint CHECKPOINTS/ --out reference.safetensors"
+        + (f" --ids {ids}" if ids else "") + "\n"
+        "  (one process per TP rank is started for you; or run it under torchrun/deepspeed with --nproc_per_node TP;\n"
+        "   --text \"...\" runs a text through the checkpoint's tokenizer; --device cpu works for non-TE models)\n"
+        "Then, here:\n"
+        "  mapper verify --reference reference.safetensors HF_FOLDER",
+        highlight=False,
+    )
 
 
 @app.command()

@@ -387,3 +387,63 @@ def test_gpt_j_tied_uses_input_layernorm_for_both_branches() -> None:
     assert neox_forward(changed, config, IDS).logits.equal(base)
     changed[neox_key(2, "input_layernorm.weight", 0)] = tensors[neox_key(2, "input_layernorm.weight", 0)] * 3
     assert not neox_forward(changed, config, IDS).logits.equal(base)
+
+
+# ---- every TE switch mix, and gpt-neox's layout history -----------------------------------------
+
+TE_SWITCHES = [dict(te_mha=a, te_layernorm_mlp=b, te_columnparallel=c, te_rowparallel=d)
+               for a in (False, True) for b in (False, True) for c in (False, True) for d in (False, True)]
+
+
+@pytest.mark.parametrize("switches", TE_SWITCHES, ids=lambda s: "+".join(k for k, v in s.items() if v) or "none")
+@pytest.mark.parametrize(("variant", "norm"), [("neox-parallel", "layernorm"), ("neox-sequential", "te_layernorm"),
+                                               ("llama-new", "rmsnorm"), ("llama-new", "te_rmsnorm")])
+def test_every_te_switch_mix_computes_the_same_function_at_tp1_and_tp2(variant: str, norm: str, switches: dict) -> None:
+    """Any mix of the independent TE switches (DOMAIN §7), on both architectures and residual modes:
+    the reference reads the keys each switch writes and gives the same logits at TP 1 and 2."""
+    extra = {"intermediate_size": 64} if switches["te_layernorm_mlp"] and variant.startswith("llama") else {}
+    c1, c2 = (tiny_config(variant, tp=tp, norm=norm, num_layers=1, **switches, **extra) for tp in (1, 2))
+    t1, t2 = synthesize_neox(c1), synthesize_neox(c2)
+    vocab = c1.orig_vocab_size
+    diff = neox_forward(t1, c1, IDS).logits[..., :vocab] - neox_forward(t2, c2, IDS).logits[..., :vocab]
+    assert diff.abs().max() <= TOL
+
+
+def pre_1315_rows(qkv: torch.Tensor, config: NeoXModelConfig) -> torch.Tensor:
+    """One rank's current GQA rows [Q | K | V] rearranged the way gpt-neox stored them before #1315:
+    per query head h, [q_h | K rows h·f..(h+1)·f | V rows h·f..(h+1)·f], f = hd·kv/heads."""
+    hd, nq, nkv = config.head_dim, config.num_heads // config.tp, config.num_kv_heads // config.tp
+    q, k, v = qkv.split([nq * hd, nkv * hd, nkv * hd])
+    f = hd * nkv // nq
+    return torch.cat([torch.cat([q[h * hd:(h + 1) * hd], k[h * f:(h + 1) * f], v[h * f:(h + 1) * f]])
+                      for h in range(nq)])
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_pre_1315_gqa_rows_are_read_per_query_head(tp: int) -> None:
+    config, tensors = synthesize_variant("llama-new", tp=tp)
+    old = {k: (pre_1315_rows(v, config) if "query_key_value" in k else v) for k, v in tensors.items()}
+    history = config.model_copy(update={"gqa_layout": "pre-1315"})
+    assert neox_forward(old, history, IDS).logits.equal(neox_forward(tensors, config, IDS).logits)
+    assert (neox_forward(old, config, IDS).logits - neox_forward(tensors, config, IDS).logits).abs().max() > 1e-1
+
+
+def test_pre_1345_rmsnorm_divides_by_rms_plus_eps() -> None:
+    from mapper.verify.reference import NormParams, apply_norm
+
+    x = torch.randn(2, 3, 8, generator=torch.Generator().manual_seed(0)) * 1e-3
+    w = torch.rand(8, generator=torch.Generator().manual_seed(1)) + 0.5
+    old = apply_norm(x, NormParams("rmsnorm", w, None, 1e-6, "pre-1345"))
+    assert torch.allclose(old, w * x / (x.pow(2).mean(-1, keepdim=True).sqrt() + 1e-6), rtol=1e-6)
+    new = apply_norm(x, NormParams("rmsnorm", w, None, 1e-6))
+    assert torch.allclose(new, w * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6), rtol=1e-6)
+    assert not torch.allclose(old, new, rtol=1e-3)  # at this scale the two formulas part
+
+
+def test_the_rmsnorm_formula_concerns_gpt_neox_own_rmsnorm_only() -> None:
+    config, tensors = synthesize_variant("te-rmsnorm")
+    history = config.model_copy(update={"rmsnorm_formula": "pre-1345"})
+    assert neox_forward(tensors, history, IDS).logits.equal(neox_forward(tensors, config, IDS).logits)
+    config, tensors = synthesize_variant("llama-new")
+    history = config.model_copy(update={"rmsnorm_formula": "pre-1345"})
+    assert not neox_forward(tensors, history, IDS).logits.equal(neox_forward(tensors, config, IDS).logits)

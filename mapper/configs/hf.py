@@ -90,8 +90,9 @@ class Approximation(BaseModel):
     effect: str  # expected size of the difference, for people
 
 
-def approximations(model: NeoXModelConfig, arch: str) -> list[Approximation]:
-    """What ``arch`` can only approximate in ``model`` (empty: the conversion is exact)."""
+def approximations(model: NeoXModelConfig, arch: str | None = None) -> list[Approximation]:
+    """What HF (``arch``, or any target: every one has a single norm eps and HF's RMSNorm) can only
+    approximate in ``model`` (empty: the conversion is exact)."""
     found = []
     if model.te_layernorm_mlp and model.mlp_norm_eps != model.norm_eps:
         found.append(Approximation(

@@ -1,59 +1,32 @@
-"""Compare a converted HF model with the NeoX reference, point by point, and blame the rules.
+"""Comparing activations: one point's verdict, logit statistics, continuations, and the whole
+verification of a model in memory (:func:`verify_conversion`).
 
-The points are the ones :func:`~mapper.verify.reference.neox_forward` gives: the embeddings
-(input of block 0), every block's output, the final norm, the logits. They are captured from the
-HF model with forward hooks, not ``output_hidden_states``: in transformers 5.x that tuple holds
-the input of layer 0 and each layer's output, but ``capture_outputs(tie_last_hidden_states=True)``
-overwrites its last entry with the *final-normed* state, so the last block's own output is lost.
-
-Tolerances (:func:`default_tolerances`). A point passes when
-
-    max|ref − cand| <= atol + rtol · max|ref|   and   ‖ref − cand‖ / ‖ref‖ <= rtol.
-
-Both bounds scale with the activation, so one setting fits embeddings (~0.3), residual streams
-and logits alike, and outlier features (which dominate ``max|ref|``) cannot hide a diffuse error
-from the norm-wise bound. fp32: ``rtol 1e-4``, ``atol 1e-6``. Legitimate fp32 noise (summation
-order, SDPA against an einsum softmax, TE's all-reduce simulated as a sum) measures at most
-7e-7 relative on every synthetic variant at TP 1 and 2 (logits ≤ 5.3e-6 absolute), so 1e-4 leaves
-two orders of magnitude for deeper and wider real models. The mistakes this module is tested
-against move the first block by 0.15-1.1 relative (double or stale pre-MLP norm, swapped
-gate/up, wrong QKV layout, summed row-parallel bias) and the subtlest, a rotary base of 1000
-instead of 10000 in config.json, by 2e-2: still two orders above the bound. bf16 (``rtol 5e-2``,
-``atol 1e-3``): one bf16 rounding is 4e-3 relative and the reference and HF round at different
-places (attention probabilities, norms, residual adds), which measures up to 1.8e-2 on the tiny
-models. The mapping mistakes above still show at 0.15-1.1, but the rotary-base mistake (2e-2)
-hides in bf16 noise, and the noise grows with depth: verify in fp32 (the default) to prove a
-conversion, in bf16 only to see the model in its training precision.
+The points are the embeddings (input of block 0), every block's output, the final norm and the
+logits; how each is judged (on the same input, blocks by their update, per-dtype tolerances) is
+described in :mod:`mapper.verify.tolerances`, the streamed walk in :mod:`mapper.verify.walk`.
+:func:`hf_activations` captures the points of a whole HF forward with hooks, not
+``output_hidden_states``: in transformers 5.x that tuple holds the input of layer 0 and each
+layer's output, but ``capture_outputs(tie_last_hidden_states=True)`` overwrites its last entry with
+the *final-normed* state, so the last block's own output is lost.
 """
 
 from __future__ import annotations
 
-import copy
-import re
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from mapper.configs import NeoXModelConfig
-from mapper.engine.plan import fold_ranks
 from mapper.errors import MapperError
-from mapper.verify.reference import (
-    LayerTensors,
-    RowParallelResult,
-    apply_norm,
-    attention_block,
-    load_norm,
-    mlp_block,
-    mlp_kind,
-    neox_forward,
-    per_rank_outputs,
-)
-from mapper.verify.report import Blame, Continuation, PointComparison, RuleRef, VerifyReport
+from mapper.verify.blame import keys_for_point  # noqa: F401 - re-exported
+from mapper.verify.hf_side import first_tensor as _first_tensor
+from mapper.verify.hf_side import hf_parts
+from mapper.verify.report import Continuation, PointComparison, VerifyReport
+from mapper.verify.tolerances import ROUNDING, Tolerances, default_tolerances  # noqa: F401 - re-exported
 
 Tensor = torch.Tensor
 
@@ -77,21 +50,6 @@ class Activations:
     logits: Tensor  # [b, s, vocab of the HF model]
 
 
-@dataclass(frozen=True)
-class Tolerances:
-    atol: float
-    rtol: float
-
-
-def default_tolerances(dtype: torch.dtype) -> Tolerances:
-    """Bounds that pass legitimate rounding noise in ``dtype`` and catch real mistakes (module doc)."""
-    if dtype == torch.float32 or dtype == torch.float64:
-        return Tolerances(atol=1e-6, rtol=1e-4)
-    if dtype in (torch.bfloat16, torch.float16):
-        return Tolerances(atol=1e-3, rtol=5e-2)
-    raise MapperError(f"cannot verify in dtype {dtype}", hint="use torch.float32 or torch.bfloat16")
-
-
 def point_names(acts: ActivationPoints) -> list[str]:
     return ["embeddings", *(f"blocks.{i}" for i in range(len(acts.blocks))), "final_norm", "logits"]
 
@@ -106,31 +64,6 @@ def iter_points(acts: ActivationPoints) -> Iterator[tuple[str, Tensor]]:
 
 
 # ---- capturing the HF model ----------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class HFParts:
-    """Where the points live in a transformers causal LM (GPTNeoX or Llama)."""
-
-    layers: Sequence[nn.Module]
-    final_norm: nn.Module
-
-
-def hf_parts(model: nn.Module) -> HFParts:
-    """Find the decoder layers and the final norm: ``gpt_neox.layers``/``final_layer_norm`` or
-    ``model.layers``/``model.norm``."""
-    base = getattr(model, "base_model", model)
-    layers = getattr(base, "layers", None)
-    norm = getattr(base, "final_layer_norm", None)
-    norm = getattr(base, "norm", None) if norm is None else norm
-    if layers is None or norm is None:
-        raise MapperError(f"cannot find decoder layers and final norm in {type(model).__name__}",
-                          hint="mapper verifies GPTNeoXForCausalLM and LlamaForCausalLM models")
-    return HFParts(list(layers), norm)
-
-
-def _first_tensor(output: Any) -> Tensor:
-    return output[0] if isinstance(output, (tuple, list)) else output
 
 
 def _hidden_input(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
@@ -195,21 +128,41 @@ def hf_activations(model: nn.Module, input_ids: Tensor) -> Activations:
 # ---- comparing -----------------------------------------------------------------------------------
 
 
-def compare_tensors(name: str, reference: Tensor, candidate: Tensor, *, atol: float, rtol: float) -> PointComparison:
-    """Max abs difference, relative error, cosine and the verdict for one point (in float64)."""
+def judge(
+    name: str, reference: Tensor, candidate: Tensor, *, atol: float, rtol: float, unit: float = 0.0,
+    before: Tensor | None = None, probe: PointComparison | None = None,
+) -> PointComparison:
+    """One point's verdict (in float64): ``before`` is the input both sides were given when the
+    point is judged by its update (a block), ``unit`` the unit roundoff of the compared dtype;
+    the bounds are :mod:`mapper.verify.tolerances`'. A failing ``probe`` fails the point."""
     if reference.shape != candidate.shape:
         raise MapperError(f"{name}: reference shape {tuple(reference.shape)} vs HF {tuple(candidate.shape)}",
                           where=name, hint="the HF config does not describe the converted model")
-    a, b = reference.double().flatten(), candidate.double().flatten()
-    diff = a - b
+    ref = reference.detach().to("cpu", torch.float64).flatten()
+    cand = candidate.detach().to("cpu", torch.float64).flatten()
+    start = None if before is None else before.detach().to("cpu", torch.float64).flatten()
+    basis = ref if start is None else ref - start
+    moved = cand if start is None else cand - start
+    diff = ref - cand
     max_abs = float(diff.abs().max()) if diff.numel() else 0.0
-    norm_a, norm_b, norm_d = float(a.norm()), float(b.norm()), float(diff.norm())
-    rel = norm_d / norm_a if norm_a > 0 else (0.0 if norm_d == 0 else float("inf"))
-    cosine = float(a @ b) / (norm_a * norm_b) if norm_a > 0 and norm_b > 0 else (1.0 if norm_d == 0 else 0.0)
-    scale = float(a.abs().max()) if a.numel() else 0.0
-    tolerance = atol + rtol * scale
-    ok = bool(max_abs <= tolerance and rel <= rtol)  # NaN fails both
-    return PointComparison(name, tuple(reference.shape), max_abs, rel, cosine, scale, tolerance, rtol, ok)
+    norm_basis, norm_moved, norm_diff = float(basis.norm()), float(moved.norm()), float(diff.norm())
+    rel = norm_diff / norm_basis if norm_basis > 0 else (0.0 if norm_diff == 0 else float("inf"))
+    if norm_basis > 0 and norm_moved > 0:
+        cosine = float(basis @ moved) / (norm_basis * norm_moved)
+    else:
+        cosine = 1.0 if norm_diff == 0 else 0.0
+    scale = float(basis.abs().max()) if basis.numel() else 0.0
+    rounding = ROUNDING * unit
+    tolerance = atol + rtol * scale + rounding * (float(ref.abs().max()) if ref.numel() else 0.0)
+    rel_bound = rtol + (rounding * float(ref.norm()) / norm_basis if norm_basis > 0 else 0.0)
+    ok = bool(max_abs <= tolerance and rel <= rel_bound) and (probe is None or probe.ok)  # NaN fails both
+    return PointComparison(name, tuple(reference.shape), max_abs, rel, cosine, scale, tolerance, rel_bound, ok,
+                           basis="value" if start is None else "update", probe=probe)
+
+
+def compare_tensors(name: str, reference: Tensor, candidate: Tensor, *, atol: float, rtol: float) -> PointComparison:
+    """Max abs difference, relative error, cosine and the verdict for one point, by its value."""
+    return judge(name, reference, candidate, atol=atol, rtol=rtol)
 
 
 def logit_statistics(reference: Tensor, candidate: Tensor) -> dict[str, float]:
@@ -257,28 +210,6 @@ def common_vocab(reference: Tensor, candidate: Tensor) -> tuple[Tensor, Tensor]:
 # ---- greedy continuation -------------------------------------------------------------------------
 
 
-def greedy_reference(
-    tensors: Mapping[str, Tensor], config: NeoXModelConfig, input_ids: Tensor, steps: int, *,
-    vocab: int, dtype: torch.dtype,
-) -> Tensor:
-    """Greedy decoding with the reference: one full forward per new token (no cache to get wrong)."""
-    ids = input_ids
-    for _ in range(steps):
-        logits = neox_forward(tensors, config, ids, dtype=dtype).logits[:, -1, :vocab]
-        ids = torch.cat([ids, logits.float().argmax(-1, keepdim=True)], dim=1)
-    return ids[:, input_ids.shape[1]:]
-
-
-def greedy_hf(model: nn.Module, input_ids: Tensor, steps: int, *, vocab: int) -> Tensor:
-    """Greedy decoding with the HF model's own forward (argmax, no sampling, no cache, no EOS stop)."""
-    ids = input_ids
-    with _evaluating(model):
-        for _ in range(steps):
-            logits = model(input_ids=ids, use_cache=False).logits[:, -1, :vocab]
-            ids = torch.cat([ids, logits.float().argmax(-1, keepdim=True)], dim=1)
-    return ids[:, input_ids.shape[1]:]
-
-
 def repetition_score(tokens: Tensor, n: int = 2) -> float:
     """Fraction of repeated n-grams (1 − distinct/total) in each sequence, averaged over the batch.
 
@@ -306,138 +237,7 @@ def compare_continuations(reference: Tensor, candidate: Tensor, *, ngram: int = 
     )
 
 
-# ---- blame ---------------------------------------------------------------------------------------
-
-_BLOCK = re.compile(r"^blocks\.(\d+)(?:\.(attention|mlp))?$")
-_HINTS = {
-    "embeddings": "check the embedding rules (vocab-parallel rows concatenated in rank order)",
-    "attention": "check the QKV layout (per-head interleaved / GQA blocks / TE per-group), the attention "
-                 "norm and the output projection and its bias; or the HF config's heads, rope_theta and "
-                 "partial_rotary_factor",
-    "mlp": "check the pre-MLP norm (TE mlp.layer_norm_* is the real one, post_attention_layernorm may be "
-           "stale), gate/up order, the MLP-out bias merge; or the HF config's hidden_act and eps",
-    "block": "the attention and MLP branches agree on their inputs, so the block's wiring differs: check "
-             "use_parallel_residual (NeoX gpt-j-residual) in the HF config",
-    "final_norm": "check the final norm rules and the HF config's layer_norm_eps / rms_norm_eps",
-    "logits": "check the output layer rules (final_linear, or tie_word_embeddings) and the vocabulary size",
-}
-
-
-def keys_for_point(point: str, keys: Sequence[str]) -> list[str]:
-    """The HF tensors a point reads directly (its own weights, not the upstream ones)."""
-    embedding = [k for k in keys if re.search(r"(^|\.)(embed_in|embed_tokens)\.weight$", k)]
-    if point == "embeddings":
-        return embedding
-    if point == "final_norm":
-        return [k for k in keys if re.search(r"(^|\.)final_layer_norm\.|^model\.norm\.", k)]
-    if point == "logits":
-        out = [k for k in keys if re.fullmatch(r"(embed_out|lm_head)\.weight", k)]
-        return out or embedding  # tied: the logits read the embedding
-    match = _BLOCK.match(point)
-    if not match:
-        return []
-    index, part = match.group(1), match.group(2)
-    modules = {"attention": r"(input_layernorm|attention|self_attn)",
-               "mlp": r"(post_attention_layernorm|mlp)"}.get(part or "", r"[^.]+")
-    return [k for k in keys if re.search(rf"(^|\.)layers\.{index}\.{modules}\.", k)]
-
-
-def rules_for_keys(plan: Any, keys: Sequence[str]) -> list[RuleRef]:
-    """``plan.rules_for`` with each rule's ``file:line``, in the rule set's own order."""
-    known = [k for k in keys if k in plan.targets]
-    order = {op.id: index for index, op in enumerate(plan.ruleset.ops)}
-    rules = sorted(plan.rules_for(known), key=lambda rule: order.get(rule, len(order)))
-    return [RuleRef(rule, plan.ruleset.origin(rule)) for rule in rules]
-
-
-def dropped_weights(plan: Any, source_prefix: str) -> list[str]:
-    """Tensors under ``source_prefix`` (one NeoX layer) that the plan drops, FP8 metadata and rotary
-    buffers aside: a real weight dropped in place of a stale one is the #1353 mistake."""
-    by_rule: dict[str, list[str]] = {}
-    for node in plan.dropped:
-        by_rule.setdefault(node.rule_id, []).extend(
-            v.key for v in node.inputs
-            if v.key.startswith(source_prefix) and not v.key.split("@")[0].endswith(("_extra_state", "inv_freq")))
-    return [f"{fold_ranks(sorted(keys))}  [{rule}]" for rule, keys in by_rule.items() if keys]
-
-
-def blame(
-    point: PointComparison, *, plan: Any | None, model: nn.Module, parts: list[PointComparison],
-    source_prefix: str | None = None,
-) -> Blame:
-    """Name the tensors, and with a plan the rules, behind the first diverging point.
-
-    ``source_prefix`` (``layer_XX.`` for a block) also lists what the rules drop from that layer."""
-    keys = list(plan.targets) if plan is not None else list(model.state_dict())
-    is_block = _BLOCK.match(point.name) is not None
-    differing = [p for p in parts if not p.ok]
-    if is_block and differing:
-        blamed = sorted({k for p in differing for k in keys_for_point(p.name, keys)}, key=keys.index)
-        names = " and ".join(p.name.rsplit(".", 1)[1] for p in differing)
-        verb = "computes" if len(differing) == 1 else "compute"
-        detail = f"inside {point.name}, re-run on the HF model's own inputs: {names} {verb} something else"
-        hint = "; ".join(_HINTS[p.name.rsplit(".", 1)[1]] for p in differing)
-    else:
-        blamed = keys_for_point(point.name, keys)
-        detail = f"{point.name} is the first point beyond tolerance; every earlier point agrees"
-        hint = _HINTS["block"] if is_block else _HINTS.get(point.name)
-    rules = rules_for_keys(plan, blamed) if plan is not None else []
-    dropped = dropped_weights(plan, source_prefix) if plan is not None and source_prefix else []
-    return Blame(point.name, detail, parts, blamed, rules, hint, dropped)
-
-
-# ---- inside a block ------------------------------------------------------------------------------
-
-
-def _branch(result: RowParallelResult, gpt_j_residual: bool) -> Tensor:
-    """A branch's contribution to the residual, as all ranks together add it (reference.py wiring)."""
-    outs = per_rank_outputs(result, gpt_j_residual=gpt_j_residual)
-    return torch.stack(outs).sum(0) if gpt_j_residual else outs[0]
-
-
-def block_parts(
-    tensors: Mapping[str, Tensor], config: NeoXModelConfig, model: nn.Module, input_ids: Tensor, block: int, *,
-    dtype: torch.dtype, atol: float, rtol: float,
-) -> list[PointComparison]:
-    """Compare block ``block``'s attention branch (norm + attention + bias) and MLP branch (pre-MLP
-    norm + MLP) with the reference's, both fed the HF model's own inputs to those branches, so
-    drift inherited from earlier in the block cannot blame the wrong branch."""
-    layer_module = hf_parts(model).layers[block]
-    attention = getattr(layer_module, "attention", None)
-    attention = layer_module.self_attn if attention is None else attention
-    seen: dict[str, Tensor] = {}
-
-    def keep_input(name: str) -> Callable[..., None]:
-        def hook(_m: nn.Module, args: tuple, kwargs: dict) -> None:
-            seen[name] = _hidden_input(args, kwargs).detach()
-        return hook
-
-    def keep_output(name: str) -> Callable[..., None]:
-        def hook(_m: nn.Module, _args: tuple, output: Any) -> None:
-            seen[name] = _first_tensor(output).detach()
-        return hook
-
-    hooks = [(layer_module.input_layernorm, "pre", keep_input("attn_in")), (attention, "post", keep_output("attn_out")),
-             (layer_module.post_attention_layernorm, "pre", keep_input("mlp_in")),
-             (layer_module.mlp, "post", keep_output("mlp_out"))]
-    with _evaluating(model), _hooks(hooks):
-        model(input_ids=input_ids, use_cache=False)
-
-    layer = LayerTensors(tensors, config.block_layer_index(block), config, dtype)
-    with torch.no_grad():
-        x = seen["attn_in"].to(dtype)
-        attn = _branch(attention_block(apply_norm(x, load_norm(layer, "input_layernorm", config)), layer, config),
-                       config.gpt_j_residual)
-        h = seen["mlp_in"].to(dtype)
-        if mlp_kind(layer) != "te":  # TE LayerNormMLP norms its input itself
-            norm = "input_layernorm" if config.gpt_j_residual and config.gpt_j_tied else "post_attention_layernorm"
-            h = apply_norm(h, load_norm(layer, norm, config))
-        mlp = _branch(mlp_block(h, layer, config), config.gpt_j_residual)
-    return [compare_tensors(f"blocks.{block}.attention", attn, seen["attn_out"], atol=atol, rtol=rtol),
-            compare_tensors(f"blocks.{block}.mlp", mlp, seen["mlp_out"], atol=atol, rtol=rtol)]
-
-
-# ---- the whole verification ----------------------------------------------------------------------
+# ---- the whole verification of a model in memory ----------------------------------------------------
 
 
 def default_input_ids(config: NeoXModelConfig, vocab: int, *, seed: int, batch: int, seq_len: int) -> Tensor:
@@ -447,8 +247,14 @@ def default_input_ids(config: NeoXModelConfig, vocab: int, *, seed: int, batch: 
     return torch.randint(0, high, (batch, seq_len), generator=generator)
 
 
-def _model_dtype(model: nn.Module) -> torch.dtype:
-    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+def checked_input_ids(input_ids: Tensor, positions: int, continuation: int) -> Tensor:
+    input_ids = input_ids.long()
+    if input_ids.dim() != 2:
+        raise MapperError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
+    if input_ids.shape[1] + continuation > positions:
+        raise MapperError(f"{input_ids.shape[1]} tokens + {continuation} continuation exceed the model's "
+                          f"{positions} positions", hint="use a shorter seq_len or continuation")
+    return input_ids
 
 
 def verify_conversion(
@@ -463,54 +269,41 @@ def verify_conversion(
     seq_len: int = 16,
     continuation: int = 8,
     dtype: torch.dtype = torch.float32,
+    weights_dtype: torch.dtype | None = None,
+    device: torch.device | str = "cpu",
     atol: float | None = None,
     rtol: float | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> VerifyReport:
-    """Run the NeoX reference and ``hf_model`` on the same tokens and compare them point by point.
+    """Run the NeoX reference and ``hf_model`` on the same tokens and judge every point on the same input.
 
     ``plan`` (the conversion's :class:`~mapper.engine.Plan`) lets a failure name the rules that
-    produced the diverging point's tensors. ``dtype`` is the compute precision of both sides
-    (bf16: compare in the training precision, with looser default tolerances); a model held in
-    another dtype is compared through a cast copy (load it in ``dtype`` to avoid the copy).
+    produced the diverging point's tensors. ``dtype`` is the compute precision of both sides;
+    ``weights_dtype`` the precision the HF weights were cast to (``convert --dtype``), through
+    which the reference's weights are rounded too. A model held in another dtype is run one
+    stage at a time as a cast copy. ``hf_model.config`` is checked field by field against
+    ``config`` (:mod:`mapper.verify.settings`).
     """
-    tol = default_tolerances(dtype)
-    atol = tol.atol if atol is None else atol
-    rtol = tol.rtol if rtol is None else rtol
-    model = hf_model if _model_dtype(hf_model) == dtype else copy.deepcopy(hf_model).to(dtype)
-    vocab = int(model.get_output_embeddings().weight.shape[0])
-    if input_ids is None:
-        input_ids = default_input_ids(config, vocab, seed=seed, batch=batch, seq_len=seq_len)
-        used_seed: int | None = seed
-    else:
-        used_seed = None
-    input_ids = input_ids.long()
-    if input_ids.dim() != 2:
-        raise MapperError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
-    if input_ids.shape[1] + continuation > config.positions:
-        raise MapperError(f"{input_ids.shape[1]} tokens + {continuation} continuation exceed the model's "
-                          f"{config.positions} positions", hint="use a shorter seq_len or continuation")
+    from mapper.verify.hf_side import LoadedHF
+    from mapper.verify.reference import NeoXStages
+    from mapper.verify.settings import check_settings
+    from mapper.verify.tolerances import coarsest
+    from mapper.verify.walk import BuiltinReference, walk
 
-    reference = neox_forward(neox_tensors, config, input_ids, dtype=dtype)
-    candidate = hf_activations(model, input_ids)
-    points = compare(reference, candidate, atol=atol, rtol=rtol)
-
-    cont = None
-    if continuation > 0:
-        ref_tokens = greedy_reference(neox_tensors, config, input_ids, continuation, vocab=vocab, dtype=dtype)
-        hf_tokens = greedy_hf(model, input_ids, continuation, vocab=vocab)
-        cont = compare_continuations(ref_tokens, hf_tokens)
-
-    first = next((p for p in points if not p.ok), None)
-    found = None
-    if first is not None:
-        parts: list[PointComparison] = []
-        prefix = None
-        match = _BLOCK.match(first.name)
-        if match:
-            block = int(match.group(1))
-            parts = block_parts(neox_tensors, config, model, input_ids, block, dtype=dtype, atol=atol, rtol=rtol)
-            prefix = f"layer_{config.block_layer_index(block):02d}."
-        found = blame(first, plan=plan, model=model, parts=parts, source_prefix=prefix)
-    return VerifyReport(points=points, atol=atol, rtol=rtol, dtype=str(dtype).removeprefix("torch."),
-                        input_shape=(int(input_ids.shape[0]), int(input_ids.shape[1])), seed=used_seed,
-                        continuation=cont, blame=found)
+    compared = coarsest(dtype, weights_dtype)
+    tol = default_tolerances(compared)
+    tol = Tolerances(atol=tol.atol if atol is None else atol, rtol=tol.rtol if rtol is None else rtol)
+    hf = LoadedHF(hf_model, dtype=dtype, device=device)
+    try:
+        used_seed: int | None = None
+        if input_ids is None:
+            input_ids = default_input_ids(config, hf.vocab, seed=seed, batch=batch, seq_len=seq_len)
+            used_seed = seed
+        input_ids = checked_input_ids(input_ids, config.positions, continuation)
+        stages = NeoXStages(neox_tensors, config, dtype=dtype, device=device, weights_dtype=weights_dtype)
+        keys = list(plan.targets) if plan is not None else list(hf_model.state_dict())
+        return walk(BuiltinReference(stages), hf, input_ids, tolerances=tol, compare_dtype=compared, plan=plan,
+                    keys=keys, settings=check_settings(hf_model.config.to_dict(), config), continuation=continuation,
+                    seed=used_seed, on_progress=on_progress)
+    finally:
+        hf.close()

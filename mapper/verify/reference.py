@@ -42,6 +42,7 @@ does ``x, gate = chunk(2); act(gate) * x`` per shard; TE does ``act(first) * sec
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
@@ -69,17 +70,59 @@ class NeoXActivations:
 # ---- reading one pipeline layer ----------------------------------------------------------------
 
 
-class LayerTensors:
-    """The tensors of one pipeline layer, across TP ranks, cast to the compute dtype."""
+class LayoutUnknown(CheckpointError):
+    """The built-in reference does not know how this checkpoint lays out a module.
 
-    def __init__(self, tensors: Mapping[str, Tensor], layer: int, config: NeoXModelConfig, dtype: torch.dtype):
+    It knows gpt-neox's own modules and the shipped TE layouts; a user-written rule set may
+    convert a layout it has never seen. That is no reason to doubt the config: verify against
+    gpt-neox itself instead (``mapper reference-script``, then ``mapper verify --reference``).
+    """
+
+    def __init__(self, message: str, *, where: str | None = None, hint: str | None = None):
+        super().__init__(
+            f"the built-in reference does not know this layout: {message}", where=where,
+            hint=(hint + "; " if hint else "") + "if a rule set of your own converts it, verify against gpt-neox's "
+            "own forward pass: `mapper reference-script` prints a script to run in your gpt-neox "
+            "environment, then `mapper verify --reference DUMP HF_FOLDER`")
+
+
+class LayerTensors:
+    """The tensors of one pipeline layer, across TP ranks, cast to the compute dtype.
+
+    ``tensors`` may be lazy (a reader-backed mapping): a layer reads only its own keys, each once
+    (``cache``, shared by :meth:`in_dtype` views), so verification holds one layer at a time.
+    ``weights_dtype`` rounds every weight through the precision the HF model was cast to
+    (``convert --dtype``), so that both sides compute with the very same weights.
+    """
+
+    def __init__(self, tensors: Mapping[str, Tensor], layer: int, config: NeoXModelConfig, dtype: torch.dtype,
+                 *, device: torch.device | str | None = None, weights_dtype: torch.dtype | None = None,
+                 cache: dict[str, Tensor] | None = None):
         self.tensors, self.layer, self.tp, self.dtype = tensors, layer, config.tp, dtype
+        self.device, self.weights_dtype = device, weights_dtype
+        self.cache: dict[str, Tensor] = {} if cache is None else cache
+
+    def in_dtype(self, dtype: torch.dtype) -> LayerTensors:
+        """The same layer (same reads) computed in another precision."""
+        view = copy.copy(self)
+        view.dtype = dtype
+        return view
 
     def key(self, name: str, rank: int = 0) -> str:
         return neox_key(self.layer, name, rank)
 
     def has(self, name: str) -> bool:
         return self.key(name) in self.tensors
+
+    def raw(self, key: str) -> Tensor:
+        if key not in self.cache:
+            self.cache[key] = self.tensors[key]
+        return self.cache[key]
+
+    def _prepared(self, tensor: Tensor) -> Tensor:
+        if self.weights_dtype is not None and tensor.is_floating_point():
+            tensor = tensor.to(self.weights_dtype)
+        return tensor.to(device=self.device, dtype=self.dtype)
 
     def shards(self, name: str) -> list[Tensor]:
         """Every rank's copy of ``name`` (sharded tensors)."""
@@ -89,7 +132,7 @@ class LayerTensors:
             if key not in self.tensors:
                 raise CheckpointError(f"tensor missing: {key}", where=key,
                                       hint="the checkpoint does not match the config (variant, TP or naming)")
-            out.append(self.tensors[key].to(self.dtype))
+            out.append(self._prepared(self.raw(key)))
         return out
 
     def replicated(self, name: str) -> Tensor:
@@ -122,9 +165,9 @@ def embed(layer: LayerTensors, config: NeoXModelConfig, input_ids: Tensor) -> Te
     table = torch.cat(layer.shards("word_embeddings.weight"), dim=0)
     if int(input_ids.max()) >= table.shape[0] or int(input_ids.min()) < 0:
         raise MapperError(f"input ids must be in [0, {table.shape[0]})")
-    x = F.embedding(input_ids, table)
+    x = F.embedding(input_ids.to(table.device), table)
     if config.pos_emb == "learned":
-        positions = torch.arange(input_ids.shape[1])
+        positions = torch.arange(input_ids.shape[1], device=table.device)
         x = x + F.embedding(positions, layer.replicated("position_embeddings.weight"))[None]
     return x
 
@@ -135,7 +178,7 @@ class NormParams:
     weight: Tensor
     bias: Tensor | None
     eps: float
-    formula: Literal["current", "pre-1345"] = "current"  # NeoX's own RMSNorm before gpt-neox #1345
+    formula: Literal["current", "pre-1345"] = "current"  # RMSNorm only: gpt-neox's own before #1345
 
 
 def load_norm(layer: LayerTensors, prefix: str, config: NeoXModelConfig, *, eps: float | None = None) -> NormParams:
@@ -147,26 +190,28 @@ def load_norm(layer: LayerTensors, prefix: str, config: NeoXModelConfig, *, eps:
     ``.norm.bias``). TE LayerNormMLP's own norm is read by :func:`mlp_block`.
     """
     eps = config.norm_eps if eps is None else eps
+    # gpt-neox's own RMSNorm changed formula with #1345; TE's norms always use rsqrt
+    formula = config.rmsnorm_formula if config.norm == "rmsnorm" else "current"
     for weight, bias in ((f"{prefix}.norm.weight", f"{prefix}.norm.bias"),
                          (f"{prefix}.scale", f"{prefix}.offset"),
                          (f"{prefix}.weight", f"{prefix}.bias")):
         if layer.has(weight):
-            own_rmsnorm = weight.endswith(".scale")  # TE norms never changed their formula
-            formula = config.rmsnorm_formula if own_rmsnorm else "current"
-            return NormParams(config.norm_family, layer.replicated(weight), layer.optional_replicated(bias), eps, formula)
-    raise CheckpointError(f"no norm parameters under {prefix!r}", where=layer.key(prefix + ".*"),
-                          hint=f"expected {prefix}.weight, {prefix}.scale or {prefix}.norm.weight")
+            return NormParams(config.norm_family, layer.replicated(weight), layer.optional_replicated(bias), eps,
+                              formula)
+    raise LayoutUnknown(f"no norm parameters under {prefix!r}", where=layer.key(prefix + ".*"),
+                        hint=f"it knows {prefix}.weight, {prefix}.scale and {prefix}.norm.weight")
 
 
 def apply_norm(x: Tensor, p: NormParams) -> Tensor:
     """LayerNorm, or RMSNorm as NeoX's current ``RMSNorm`` / TE compute it:
-    ``x * rsqrt(mean(x^2) + eps) * weight (+ offset)`` in fp32."""
+    ``x * rsqrt(mean(x^2) + eps) * weight (+ offset)`` in fp32; before gpt-neox #1345 NeoX's own
+    RMSNorm computed ``x / (‖x‖ / sqrt(d) + eps)`` in x's dtype (``formula="pre-1345"``)."""
     if p.family == "layernorm":
         return F.layer_norm(x, (x.shape[-1],), p.weight, p.bias, p.eps)
-    if p.formula == "pre-1345":  # megatron/model/norms.py before #1345: x / (rms + eps), in x's dtype
+    if p.formula == "pre-1345":
         rms = x.norm(2, dim=-1, keepdim=True) * x.shape[-1] ** -0.5
         out = p.weight * (x / (rms + p.eps))
-        return out if p.bias is None else out + p.bias
+        return (out + p.bias if p.bias is not None else out).to(x.dtype)
     xf = x.float()
     normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + p.eps)
     out = p.weight.float() * normed
@@ -176,14 +221,15 @@ def apply_norm(x: Tensor, p: NormParams) -> Tensor:
 
 
 def rotary_tables(
-    config: NeoXModelConfig, seq: int, inv_freq: Tensor | None, dtype: torch.dtype
+    config: NeoXModelConfig, seq: int, inv_freq: Tensor | None, dtype: torch.dtype,
+    device: torch.device | str | None = None,
 ) -> tuple[Tensor, Tensor]:
     """``megatron/model/positional_embeddings.py`` RotaryEmbedding: ``inv_freq = 1/base^(2i/dim)``
     over ``dim = int(head_dim * rotary_pct)``, ``emb = cat(freqs, freqs)``; fp32 cos/sin."""
     dim = config.rotary_ndims
     if inv_freq is None:
-        inv_freq = 1.0 / (config.rotary_emb_base ** (torch.arange(0, dim, 2).float() / dim))
-    freqs = torch.outer(torch.arange(seq, dtype=torch.float32), inv_freq.float())
+        inv_freq = 1.0 / (config.rotary_emb_base ** (torch.arange(0, dim, 2, device=device).float() / dim))
+    freqs = torch.outer(torch.arange(seq, dtype=torch.float32, device=inv_freq.device), inv_freq.float())
     emb = torch.cat([freqs, freqs], dim=-1)
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
@@ -207,7 +253,9 @@ def split_qkv(mixed: Tensor, config: NeoXModelConfig, layout: Literal["neox", "t
 
     NeoX MHA: ``view(np, 3*hn)`` + split (transformer.py forward); NeoX GQA: ``torch.split`` into
     ``[np*hn, kvp*hn, kvp*hn]`` (``gqa_project``); TE: ``view(ng, np/ng + 2, hn)`` split
-    ``(np/ng, 1, 1)`` (``multi_head_attention.py``, ``qkv_weight_interleaved``).
+    ``(np/ng, 1, 1)`` (``multi_head_attention.py``, ``qkv_weight_interleaved``). NeoX GQA before
+    gpt-neox #1315 (``config.gqa_layout == "pre-1315"``): ``view(np, hn + 2f)`` split ``[hn, f, f]``
+    with ``f = hn * kvp / np``, the K and V parts of all query heads then read as ``[kvp, hn]``.
     """
     b, s, _ = mixed.shape
     hd = config.head_dim
@@ -220,7 +268,7 @@ def split_qkv(mixed: Tensor, config: NeoXModelConfig, layout: Literal["neox", "t
     if not config.is_gqa:
         q, k, v = mixed.view(b, s, nq, 3 * hd).split(hd, dim=-1)
         return q, k, v
-    if config.gqa_layout == "pre-1315":  # per query head [q_h | K slice | V slice] (gpt-neox before #1315)
+    if config.gqa_layout == "pre-1315":
         f = hd * nkv // nq
         q, k, v = mixed.view(b, s, nq, hd + 2 * f).split([hd, f, f], dim=-1)
         return q, k.reshape(b, s, nkv, hd), v.reshape(b, s, nkv, hd)
@@ -236,7 +284,7 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     if rep > 1:
         k, v = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
     scores = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) / hd**0.5
-    mask = torch.ones(s, s, dtype=torch.bool).triu(1)
+    mask = torch.ones(s, s, dtype=torch.bool, device=q.device).triu(1)
     probs = scores.masked_fill(mask, float("-inf")).softmax(-1)
     ctx = torch.einsum("bhqk,bkhd->bqhd", probs, v.float()).to(q.dtype)
     return ctx.reshape(b, s, nq * hd)
@@ -254,17 +302,20 @@ class RowParallelResult:
 def attention_block(x: Tensor, layer: LayerTensors, config: NeoXModelConfig) -> RowParallelResult:
     """Self-attention on normed input ``x``: NeoX ``ParallelSelfAttention`` or TE ``MultiheadAttention``."""
     te = layer.has("attention.qkv.weight")
+    if not te and not layer.has("attention.query_key_value.weight"):
+        raise LayoutUnknown("no fused QKV weight (attention.qkv.weight or attention.query_key_value.weight)",
+                            where=layer.key("attention.*"))
     if te != config.te_mha:
-        raise CheckpointError(
-            f"attention keys say {'TE' if te else 'NeoX'} attention but the config has te_mha={config.te_mha}",
-            where=layer.key("attention.*"), hint="fix te-mha in the config")
+        raise LayoutUnknown(
+            f"the attention keys are {'TE' if te else 'NeoX'}'s but the config says te_mha={config.te_mha}",
+            where=layer.key("attention.*"), hint="if the config is wrong, fix te-mha in it")
     qkv, out = ("attention.qkv", "attention.proj") if te else ("attention.query_key_value", "attention.dense")
     weights = layer.shards(f"{qkv}.weight")
     biases = layer.shards(f"{qkv}.bias") if layer.has(f"{qkv}.bias") else [None] * config.tp
     out_weights = layer.shards(f"{out}.weight")
     cos = sin = None
     if config.pos_emb == "rotary":
-        cos, sin = rotary_tables(config, x.shape[1], _stored_inv_freq(layer, config), x.dtype)
+        cos, sin = rotary_tables(config, x.shape[1], _stored_inv_freq(layer, config), x.dtype, x.device)
     partials = []
     for w, b, wo in zip(weights, biases, out_weights):
         q, k, v = split_qkv(F.linear(x, w, b), config, "te" if te else "neox")
@@ -280,8 +331,9 @@ def _stored_inv_freq(layer: LayerTensors, config: NeoXModelConfig) -> Tensor | N
         if layer.has(name):
             stored = layer.replicated(name).float()
             dim = config.rotary_ndims
-            expected = 1.0 / (config.rotary_emb_base ** (torch.arange(0, dim, 2).float() / dim))
-            tol = 1e-5 if layer.tensors[layer.key(name)].dtype == torch.float32 else 1e-2
+            expected = 1.0 / (config.rotary_emb_base ** (torch.arange(0, dim, 2, device=stored.device).float() / dim))
+            tol = 1e-5 if layer.raw(layer.key(name)).dtype == torch.float32 and layer.weights_dtype in (
+                None, torch.float32, torch.float64) else 1e-2
             if stored.shape != expected.shape or not torch.allclose(stored, expected, rtol=tol, atol=0):
                 raise MapperError(
                     "the checkpoint's rotary inv_freq does not match the config's rotary-emb-base / rotary-pct",
@@ -323,17 +375,18 @@ def mlp_kind(layer: LayerTensors) -> Literal["te", "new", "legacy", "llama_legac
                        ("mlp.dense_h_to_4h.weight", "legacy"), ("mlp.w1.weight", "llama_legacy")):
         if layer.has(name):
             return kind  # type: ignore[return-value]
-    raise CheckpointError("no MLP weights found", where=layer.key("mlp.*"),
-                          hint="expected mlp.fc1_weight, mlp.linear1.weight, mlp.dense_h_to_4h.weight or mlp.w1.weight")
+    raise LayoutUnknown("no MLP weights it knows", where=layer.key("mlp.*"),
+                        hint="it knows mlp.fc1_weight, mlp.linear1.weight, mlp.dense_h_to_4h.weight and mlp.w1.weight")
 
 
 def mlp_block(x: Tensor, layer: LayerTensors, config: NeoXModelConfig) -> RowParallelResult:
     """The MLP on its input ``x`` (already normed, except for TE LayerNormMLP which norms itself)."""
     kind = mlp_kind(layer)
     if (kind == "te") != config.te_layernorm_mlp:
-        raise CheckpointError(
-            f"MLP keys say {kind} but the config has te_layernorm_mlp={config.te_layernorm_mlp}",
-            where=layer.key("mlp.*"), hint="fix te-layernorm-mlp in the config")
+        raise LayoutUnknown(
+            f"the MLP keys are {'TE' if kind == 'te' else 'NeoX'}'s ({kind}) but the config says "
+            f"te_layernorm_mlp={config.te_layernorm_mlp}",
+            where=layer.key("mlp.*"), hint="if the config is wrong, fix te-layernorm-mlp in it")
     partials: list[Tensor] = []
     if kind == "te":  # transformer_engine LayerNormMLP: norm -> fc1 -> act -> fc2 (bias returned)
         norm = NormParams(config.norm_family, layer.replicated("mlp.layer_norm_weight"),
@@ -386,14 +439,48 @@ def transformer_block(x: Tensor, layer: LayerTensors, config: NeoXModelConfig) -
     return h + per_rank_outputs(mlp_block(mlp_in, layer, config), gpt_j_residual=False)[0]
 
 
-def output_logits(h: Tensor, tensors: Mapping[str, Tensor], config: NeoXModelConfig, dtype: torch.dtype) -> Tensor:
-    """``parallel_lm_logits`` with the tied word embeddings, or ``ParallelLinear`` (``final_linear``,
-    column-parallel over the vocabulary); per-rank logits are gathered along the vocabulary."""
-    if config.tied:
-        shards = LayerTensors(tensors, 0, config, dtype).shards("word_embeddings.weight")
-    else:
-        shards = LayerTensors(tensors, config.final_linear_layer_index, config, dtype).shards("final_linear.weight")
-    return torch.cat([F.linear(h, w) for w in shards], dim=-1)
+def output_logits(h: Tensor, layer: LayerTensors, config: NeoXModelConfig) -> Tensor:
+    """``parallel_lm_logits`` with the tied word embeddings (``layer`` 0), or ``ParallelLinear``
+    (``final_linear`` of the last layer, column-parallel over the vocabulary); per-rank logits are
+    gathered along the vocabulary."""
+    name = "word_embeddings.weight" if config.tied else "final_linear.weight"
+    return torch.cat([F.linear(h, w) for w in layer.shards(name)], dim=-1)
+
+
+class NeoXStages:
+    """The reference forward one stage at a time (embedding, each block, final norm, logits), reading
+    each layer's tensors when it is computed: what streamed verification holds is one layer.
+
+    ``device`` is where it computes; ``weights_dtype`` rounds the weights as ``convert --dtype`` did.
+    """
+
+    def __init__(self, tensors: Mapping[str, Tensor], config: NeoXModelConfig, *, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str | None = None, weights_dtype: torch.dtype | None = None):
+        self.tensors, self.config, self.dtype = tensors, config, dtype
+        self.device, self.weights_dtype = device, weights_dtype
+
+    def layer(self, index: int, dtype: torch.dtype | None = None) -> LayerTensors:
+        return LayerTensors(self.tensors, index, self.config, dtype or self.dtype, device=self.device,
+                            weights_dtype=self.weights_dtype)
+
+    def embeddings(self, input_ids: Tensor) -> Tensor:
+        if input_ids.dim() != 2:
+            raise MapperError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
+        with torch.no_grad():
+            return embed(self.layer(0), self.config, input_ids).to(self.dtype)
+
+    def block(self, block: int, x: Tensor, layer: LayerTensors | None = None) -> Tensor:
+        with torch.no_grad():
+            return transformer_block(x, layer or self.layer(self.config.block_layer_index(block)), self.config)
+
+    def final_norm(self, x: Tensor) -> Tensor:
+        with torch.no_grad():
+            return apply_norm(x, load_norm(self.layer(self.config.final_norm_layer_index), "norm", self.config))
+
+    def logits(self, h: Tensor) -> Tensor:
+        index = 0 if self.config.tied else self.config.final_linear_layer_index
+        with torch.no_grad():
+            return output_logits(h, self.layer(index), self.config)
 
 
 def neox_forward(
@@ -409,16 +496,11 @@ def neox_forward(
     embedding, 2..L+1 the blocks, L+3 the final norm (``NormPipe``: ``norm.*``), L+4 the
     untied ``final_linear``.
     """
-    if input_ids.dim() != 2:
-        raise MapperError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
-    with torch.no_grad():
-        x = embed(LayerTensors(tensors, 0, config, dtype), config, input_ids).to(dtype)
-        embeddings = x
-        blocks = []
-        for block in range(config.num_layers):
-            x = transformer_block(x, LayerTensors(tensors, config.block_layer_index(block), config, dtype), config)
-            blocks.append(x)
-        final_layer = LayerTensors(tensors, config.final_norm_layer_index, config, dtype)
-        h = apply_norm(x, load_norm(final_layer, "norm", config))
-        logits = output_logits(h, tensors, config, dtype)
-    return NeoXActivations(embeddings=embeddings, blocks=tuple(blocks), final_norm=h, logits=logits)
+    stages = NeoXStages(tensors, config, dtype=dtype)
+    x = embeddings = stages.embeddings(input_ids)
+    blocks = []
+    for block in range(config.num_layers):
+        x = stages.block(block, x)
+        blocks.append(x)
+    h = stages.final_norm(x)
+    return NeoXActivations(embeddings=embeddings, blocks=tuple(blocks), final_norm=h, logits=stages.logits(h))
