@@ -33,6 +33,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from mapper.errors import MapperError
+from mapper.input_files import read_text
+from mapper.safe_yaml import load_yaml
 
 Norm = Literal["layernorm", "rmsnorm", "te_layernorm", "te_rmsnorm"]
 Activation = Literal["gelu", "relu", "silu", "swiglu", "geglu", "reglu"]
@@ -657,12 +659,13 @@ def load_neox_yaml(paths: Sequence[Path | str]) -> dict[str, Any]:
     origin: dict[str, str] = {}
     for path in map(Path, paths):
         try:
-            text = path.read_text(encoding="utf-8")
+            text = read_text(path, what="this NeoX config", error=MapperError,  # regular file, bounded size
+                             hint="check the path given to --config (the YAML the model was trained with)")
         except OSError as exc:
             raise MapperError(f"cannot read NeoX config: {exc.strerror or exc}", where=path,
                               hint="check the path given to --config (the YAML the model was trained with)") from exc
         try:
-            loaded = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - SafeLoader subclass
+            loaded = load_yaml(text, where=str(path), loader=_UniqueKeyLoader)  # aliases, nesting and size bounded
         except MapperError as exc:
             raise MapperError(exc.message, where=f"{path}:{(exc.where or '').split(':', 1)[-1]}",
                               hint=exc.hint) from None
