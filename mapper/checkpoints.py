@@ -40,7 +40,7 @@ from mapper.formats.output import AtomicFile, parts_staging_path, write_bytes_at
 from mapper.formats.safetensors_io import write_safetensors
 from mapper.formats.writing import META_DIR, WRITER_THREADS
 from mapper.hf_models import expected_tensors, transformers_available
-from mapper.spec import RuleSet, dump_rule_set, load_rules
+from mapper.spec import RuleSet, builtin_rule_files, dump_rule_set, load_rule_file, load_rules
 
 RECORD_FILE = "mapper.json"
 RULES_FILE = "mapper-rules.yaml"
@@ -478,11 +478,14 @@ def recorded_rules(folder: Path) -> RuleSet:
     """The rule set a mapper conversion used to write ``folder``: its saved copy, else by name."""
     saved = folder / RULES_FILE
     if saved.is_file():
-        return load_rules(saved)
+        return load_rule_file(saved, confined=True)  # from an input folder: includes stay inside it
     record = _read_record(folder)
     if record is None:
         raise CheckpointError(f"{folder} was not written by mapper (no {RECORD_FILE})", where=folder,
                               hint="name the rule set with --rules")
+    if not isinstance(record["rules"], str) or record["rules"] not in builtin_rule_files():  # a name, never a path
+        raise CheckpointError(f"{RECORD_FILE} names {record['rules']!r}, which is not a shipped rule set, and there "
+                              f"is no {RULES_FILE}", where=folder / RECORD_FILE, hint="name the rule set with --rules")
     return load_rules(record["rules"])
 
 
