@@ -36,9 +36,9 @@ from mapper.formats import HFCheckpoint, NeoXCheckpoint, open_checkpoint
 from mapper.formats.hf_writer import HFWriter, plan_shards
 from mapper.formats.naming import layer_file_name, mp_rank_file_name, parse_neox_key
 from mapper.formats.neox_writer import NeoXWriter, plan_layer_files
-from mapper.formats.output import AtomicFile, parts_staging_path, write_bytes_atomic
+from mapper.formats.output import AtomicFile, write_bytes_atomic
 from mapper.formats.safetensors_io import write_safetensors
-from mapper.formats.writing import META_DIR, WRITER_THREADS
+from mapper.formats.writing import WRITER_THREADS, recorded_kind
 from mapper.hf_models import expected_tensors, transformers_available
 from mapper.spec import RuleSet, builtin_rule_files, dump_rule_set, load_rule_file, load_rules
 
@@ -222,9 +222,7 @@ def detect_checkpoint(src: str | Path, *, config_files: Sequence[str | Path] = (
 
 def finalize_parts(out: str | Path, *, force: bool = False) -> Path:
     """The last step of a multi-machine conversion: check every part, then publish ``out``."""
-    staging_plan = parts_staging_path(Path(out)) / META_DIR / "plan.json"
-    kind = json.loads(staging_plan.read_text()).get("kind") if staging_plan.is_file() else "hf"
-    writer = HFWriter if kind == "hf" else NeoXWriter
+    writer = HFWriter if recorded_kind(Path(out)) == "hf" else NeoXWriter
     return writer.finalize_parts(out, force=force)
 
 
