@@ -163,6 +163,17 @@ def check_output_path(out: str | Path, *, inputs: Iterable[str | Path] = (), for
     """The absolute output folder (see :func:`output_folder`), after refusing the outputs that
     would lose data or cannot be written."""
     target = output_folder(out)
+    try:
+        _check_output(target, inputs, force)
+    except OSError as exc:  # e.g. a parent folder mapper may not look into
+        raise ConversionError(
+            f"cannot inspect the output path ({exc.strerror or exc})", where=target,
+            hint="check the permissions of the folders above the output, or write elsewhere",
+        ) from None
+    return target
+
+
+def _check_output(target: Path, inputs: Iterable[str | Path], force: bool) -> None:
     for given in inputs:
         source = _resolved(given)
         if target == source or source in target.parents:
@@ -195,7 +206,6 @@ def check_output_path(out: str | Path, *, inputs: Iterable[str | Path] = (), for
                 "once the new output is complete",
             )
     _check_parent_and_name(target)
-    return target
 
 
 def free_bytes(folder: Path) -> int | None:

@@ -76,6 +76,25 @@ def test_a_read_only_output_filesystem_is_refused(neox: Path, tmp_path: Path, mo
     assert list(read_only.iterdir()) == []
 
 
+def test_an_output_below_a_folder_mapper_may_not_look_into_is_refused(
+    neox: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """(stat fails with EACCES as for a folder without search permission; simulated, the tests
+    may run as root.)"""
+    closed = tmp_path / "closed"
+    closed.mkdir()
+    stat = pathlib.Path.stat
+
+    def refusing_stat(self: Path, *args: object, **kwargs: object) -> os.stat_result:
+        if closed in self.parents:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self))
+        return stat(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(pathlib.Path, "stat", refusing_stat)
+    out = closed / "OUT"
+    assert_refusal(["convert", neox, out], ConversionError, names=[out], says=["Permission denied"])
+
+
 def test_the_free_space_message_names_the_output_not_its_staging_folder(
     neox: Path, out: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
