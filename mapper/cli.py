@@ -1,8 +1,9 @@
 """The ``mapper`` command: a thin layer over the library (every command is one library call).
 
 Exit codes: 0 ok, 1 a verification ran and failed, 2 bad input of any kind (including usage
-errors), 3 an internal error (a bug: please report it with ``--debug`` output). Errors print one
-clear message; ``--debug`` adds the traceback (the exit code stays the same). ``--json`` prints machine-readable
+errors), 3 an internal error (a bug: please report it with ``--debug`` output), 128 + N when
+stopped by signal N (130 Ctrl-C, 143 SIGTERM, 129 SIGHUP; see :mod:`mapper.interrupts`). Errors
+print one clear message; ``--debug`` adds the traceback (the exit code stays the same). ``--json`` prints machine-readable
 results on stdout; progress and human-readable text go to stderr in that case.
 """
 
@@ -19,11 +20,12 @@ from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
-from rich.markup import escape
+from rich.markup import escape as _escape_markup
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 from rich.table import Table
 
-from mapper.errors import MapperError
+from mapper.errors import MapperError, printable
+from mapper.interrupts import Interrupted, handling_signals, published
 
 app = typer.Typer(
     name="mapper",
@@ -49,6 +51,12 @@ STATE = State()
 # Piped or redirected output gets wide tables instead of the 80-column default.
 out = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
 err = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 200)
+
+
+def escape(text: str) -> str:
+    """Text from files (keys, paths) for the console: rich markup and control characters escaped."""
+    return _escape_markup(printable(text, newlines=True))
+
 
 RulesOpt = Annotated[Optional[str], typer.Option("--rules", "-r", help="Rule set name (`mapper rules list`) or path to a rule file. Detected when not given.")]
 ConfigOpt = Annotated[Optional[list[Path]], typer.Option("--config", "-c", help="NeoX YAML config file(s), merged as NeoX merges them. Default: the checkpoint's configs/.")]
@@ -688,7 +696,11 @@ def run(argv: list[str]) -> None:
 
         out.print(f"mapper {__version__}")
         return
-    app(args=args, prog_name="mapper", standalone_mode=False)
+    code = app(args=args, prog_name="mapper", standalone_mode=False)
+    if code == 130:  # typer's answer to a KeyboardInterrupt it caught (no handler of ours ran)
+        raise KeyboardInterrupt
+    if isinstance(code, int) and code:
+        raise typer.Exit(code)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -696,7 +708,10 @@ def main(argv: list[str] | None = None) -> None:
     failed, 3 bug) with one clear message; ``--debug`` adds the traceback."""
     exits, aborts, usage = _cli_exceptions()
     try:
-        run(list(sys.argv[1:] if argv is None else argv))
+        with handling_signals():
+            run(list(sys.argv[1:] if argv is None else argv))
+    except Interrupted as stopped:
+        _interrupted(stopped.exit_code)
     except MapperError as error:
         if STATE.debug:
             traceback.print_exc()
@@ -706,8 +721,7 @@ def main(argv: list[str] | None = None) -> None:
     except exits as done:
         sys.exit(getattr(done, "exit_code", 0))
     except aborts:
-        err.print("interrupted; nothing was left behind")
-        sys.exit(130)
+        _interrupted(130)
     except usage as error:
         show = getattr(error, "show", None)
         show(file=sys.stderr) if show else err.print(f"error: {error}")
@@ -718,6 +732,16 @@ def main(argv: list[str] | None = None) -> None:
         err.print(f"[bold red]internal error[/bold red]: {type(error).__name__}: {escape(str(error))}\n"
                   "  this is a bug in mapper; run again with --debug and report the traceback")
         sys.exit(3)
+
+
+def _interrupted(code: int) -> None:
+    """Say what an interrupted run left: nothing, unless it got to publish an output first."""
+    done = published()
+    if done:
+        err.print(f"interrupted after publishing {', '.join(escape(str(p)) for p in done)}")
+    else:
+        err.print("interrupted; nothing was published")
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -3,12 +3,29 @@
 All of mapper's errors derive from :class:`MapperError`. The command line prints ``str(error)``
 without a traceback (unless ``--debug``) and exits with :attr:`MapperError.exit_code`:
 2 for bad input of any kind, 1 for a verification that ran and failed.
+
+Messages quote what they found (keys, file names), and those come from files anyone may have
+written: ``str(error)`` shows control characters escaped (:func:`printable`), so a tensor key
+holding ANSI escape sequences cannot recolour, move or clear the user's terminal, nor forge a
+line of output.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
+
+# C0 and C1 controls, DEL, and the Unicode line separators and bidirectional overrides
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+_CONTROL_BUT_NEWLINE = re.compile("[\x00-\x09\x0b-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+
+
+def printable(text: str, *, newlines: bool = False) -> str:
+    """``text`` with control characters written as escapes (``\\x1b``, ``\\u202e``); with
+    ``newlines``, line breaks are kept."""
+    pattern = _CONTROL_BUT_NEWLINE if newlines else _CONTROL
+    return pattern.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
 
 
 class MapperError(Exception):
@@ -27,9 +44,10 @@ class MapperError(Exception):
         self.hint = hint
 
     def __str__(self) -> str:
-        text = f"{self.where}: {self.message}" if self.where else self.message
+        message = printable(self.message, newlines=True)
+        text = f"{printable(self.where)}: {message}" if self.where else message
         if self.hint:
-            text += f"\n  hint: {self.hint}"
+            text += f"\n  hint: {printable(self.hint, newlines=True)}"
         return text
 
 
@@ -47,7 +65,7 @@ class Problem:
     hint: str | None = None
 
     def __str__(self) -> str:
-        text = f"{self.key}: {self.message}" if self.key else self.message
+        text = f"{printable(self.key)}: {self.message}" if self.key else self.message
         if self.rule:
             text += f" [{self.rule}]"
         if self.hint:

@@ -3,6 +3,11 @@
 Rule files are data, not code: expressions are parsed with :mod:`ast` and only integer
 arithmetic, comparisons, ``and``/``or``/``not``, ``x if c else y`` and ``min``/``max`` are
 allowed. Nothing is ever passed to ``eval``.
+
+Limits (a rule file may come from anywhere, e.g. inside a model folder): an expression has at
+most :data:`MAX_LENGTH` characters, and every value it computes, including intermediate ones,
+lies within +-:data:`MAX_VALUE` (2**63, the range of a tensor dimension): ``2 ** 64 ** 64``
+would otherwise compute a number of millions of digits. Both are errors naming the limit.
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ _COMPARE = {
     ast.GtE: operator.ge,
 }
 _FUNCTIONS = {"min": min, "max": max}
+MAX_LENGTH = 500  # characters of one expression
+MAX_VALUE = 2**63  # magnitude of any value an expression computes
 
 
 class Expression:
@@ -38,15 +45,26 @@ class Expression:
 
     def __init__(self, text: str):
         self.text = text.strip()
+        if len(self.text) > MAX_LENGTH:
+            raise RuleFileError(
+                f"expression {self.text[:40]!r}... has {len(self.text)} characters; the limit is {MAX_LENGTH}",
+                hint="split the computation into parameters with their own `expr`",
+            )
         try:
             self._tree = ast.parse(self.text, mode="eval").body
-        except SyntaxError as error:
+        except (SyntaxError, RecursionError, MemoryError) as error:
+            message = error.msg if isinstance(error, SyntaxError) else "nested too deeply"
             raise RuleFileError(
-                f"cannot parse expression {text!r}: {error.msg}",
+                f"cannot parse expression {text!r}: {message}",
                 hint="expressions use integers, names, + - * // % **, comparisons, and/or/not, "
                 "'a if cond else b', min() and max()",
             ) from None
-        self.names: frozenset[str] = frozenset(_check(self._tree, self.text))
+        try:
+            self.names: frozenset[str] = frozenset(_check(self._tree, self.text))
+        except RecursionError:
+            raise RuleFileError(
+                f"expression {self.text!r} is nested too deeply", hint="split it into parameters with their own `expr`"
+            ) from None
 
     def evaluate(self, values: Mapping[str, int]) -> int:
         missing = sorted(self.names - set(values))
@@ -59,6 +77,12 @@ class Expression:
             return _evaluate(self._tree, values)
         except ZeroDivisionError:
             raise RuleFileError(f"expression {self.text!r} divides by zero with {dict(values)}") from None
+        except _OutOfRange as error:
+            raise RuleFileError(
+                f"expression {self.text!r} {error} with {dict(values)}; values are limited to "
+                f"-2**63 < v < 2**63 (the range of a tensor dimension)",
+                hint="check the expression and the parameter values it uses",
+            ) from None
 
     def __repr__(self) -> str:
         return f"Expression({self.text!r})"
@@ -84,6 +108,11 @@ def _check(node: ast.AST, text: str) -> set[str]:
         if isinstance(node.value, bool) or not isinstance(node.value, int):
             raise RuleFileError(
                 f"expression {text!r}: only integer constants are allowed, got {node.value!r}"
+            )
+        if abs(node.value) >= MAX_VALUE:
+            raise RuleFileError(
+                f"expression {text!r}: the constant {node.value} is not below 2**63 in magnitude (the limit)",
+                hint="values in rule files are sizes and indices",
             )
         return set()
     if isinstance(node, ast.Name):
@@ -114,16 +143,35 @@ def _check(node: ast.AST, text: str) -> set[str]:
     )
 
 
+class _OutOfRange(Exception):
+    """A value outside +-MAX_VALUE (said by Expression.evaluate, which knows the text)."""
+
+
+def _bounded(value: int, what: str) -> int:
+    if abs(value) >= MAX_VALUE:
+        raise _OutOfRange(f"computes {what} beyond the limit")
+    return value
+
+
+def _power(left: int, right: int) -> int:
+    """``left ** right``, refused before computing when the result cannot be within the limit."""
+    if right < 0:
+        raise _OutOfRange(f"raises to the negative power {right}")
+    if abs(left) > 1 and (abs(left).bit_length() - 1) * right >= MAX_VALUE.bit_length() - 1:
+        raise _OutOfRange(f"computes {left} ** {right}, beyond the limit")
+    return left**right
+
+
 def _evaluate(node: ast.AST, values: Mapping[str, int]) -> int:
     if isinstance(node, ast.Constant):
         return node.value
     if isinstance(node, ast.Name):
-        return int(values[node.id])
+        return _bounded(int(values[node.id]), f"{node.id} = {values[node.id]}")
     if isinstance(node, ast.BinOp):
         left, right = _evaluate(node.left, values), _evaluate(node.right, values)
-        if isinstance(node.op, ast.Pow) and (right < 0 or right > 64):
-            raise RuleFileError(f"exponent {right} out of range in expression")
-        return _BINARY[type(node.op)](left, right)
+        if isinstance(node.op, ast.Pow):
+            return _bounded(_power(left, right), "a power")
+        return _bounded(_BINARY[type(node.op)](left, right), "a value")
     if isinstance(node, ast.UnaryOp):
         value = _evaluate(node.operand, values)
         if isinstance(node.op, ast.Not):

@@ -18,13 +18,13 @@ read as untrusted input: every field is type-checked and a malformed one is an e
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from mapper.errors import CheckpointError
+from mapper.input_files import read_json
 
 MAPPER_DIR = "mapper"
 Kind = Literal["record", "rules", "neox_config", "sidecar"]
@@ -80,13 +80,7 @@ def read_record(folder: Path) -> ConversionRecord | None:
     path = existing(folder, "record")
     if path is None:
         return None
-    try:
-        if path.stat().st_size > MAX_RECORD_BYTES:
-            raise CheckpointError(f"{path.name} has {path.stat().st_size} bytes; a record is a few KB", where=path,
-                                  hint="delete it or convert again")
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
-        raise CheckpointError(f"cannot read {path.name}: {error}", where=path, hint="delete it or fix it") from None
+    data = read_json(path, limit=MAX_RECORD_BYTES, what=f"mapper's record ({path.name})")  # regular file, bounded
     if not isinstance(data, dict) or "rules" not in data:
         raise CheckpointError(f"{path.name} (mapper's record) does not name a rule set", where=path,
                               hint="delete it or fix it")

@@ -23,7 +23,7 @@ from mapper.engine import Sidecar
 from mapper.errors import CheckpointError, MapperError
 from mapper.formats import HFCheckpoint
 from mapper.record import RECORD_FILE, ConversionRecord, existing, read_record, sidecar_files
-from mapper.spec import RuleSet, load_rules
+from mapper.spec import RuleSet, builtin_rule_files, load_rule_file, load_rules
 from mapper.spec.catalog import builtin_rule_sets
 
 from mapper.checkpoints.neox_side import HISTORY_SETTINGS
@@ -60,11 +60,14 @@ def recorded_rules(folder: Path) -> RuleSet:
     """The rule set a mapper conversion used to write ``folder``: its saved copy, else by name."""
     saved = existing(folder, "rules")
     if saved is not None:
-        return load_rules(saved)
+        return load_rule_file(saved, confined=True)  # from an input folder: includes stay inside it
     record = read_record(folder)
     if record is None:
         raise CheckpointError(f"{folder} was not written by mapper (no {RECORD_FILE})", where=folder,
                               hint="name the rule set with --rules")
+    if record.rules not in builtin_rule_files():  # a name, never a path
+        raise CheckpointError(f"{RECORD_FILE} names {record.rules!r}, which is not a shipped rule set, and there is "
+                              "no recorded rule file beside it", where=folder, hint="name the rule set with --rules")
     return load_rules(record.rules)
 
 

@@ -22,9 +22,9 @@ from mapper.errors import MapperError
 from mapper.formats import NeoXCheckpoint
 from mapper.formats.hf_writer import HFWriter
 from mapper.formats.neox_writer import NeoXWriter
-from mapper.formats.output import AtomicFile, parts_staging_path, write_bytes_atomic
+from mapper.formats.output import AtomicFile, write_bytes_atomic
 from mapper.formats.safetensors_io import write_safetensors
-from mapper.formats.writing import META_DIR
+from mapper.formats.writing import recorded_kind
 from mapper.record import output_path
 from mapper.spec import dump_rule_set
 
@@ -89,9 +89,7 @@ def convert_checkpoint(
 
 def finalize_parts(out: str | Path, *, force: bool = False) -> Path:
     """The last step of a multi-machine conversion: check every part, then publish ``out``."""
-    staging_plan = parts_staging_path(Path(out)) / META_DIR / "plan.json"
-    kind = json.loads(staging_plan.read_text()).get("kind") if staging_plan.is_file() else "hf"
-    writer = HFWriter if kind == "hf" else NeoXWriter
+    writer = HFWriter if recorded_kind(Path(out)) == "hf" else NeoXWriter
     return writer.finalize_parts(out, force=force)
 
 

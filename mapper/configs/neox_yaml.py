@@ -22,10 +22,8 @@ from pydantic import ValidationError
 from mapper.configs.model import Activation, Norm, PosEmb, NeoXModelConfig
 from mapper.configs.settings import settings
 from mapper.errors import MapperError
-
-MAX_CONFIG_BYTES = 2**20  # NeoX configs are a few KB
-MAX_CONFIG_VALUES = 100_000  # values after YAML aliases are expanded ("billion laughs")
-MAX_CONFIG_DEPTH = 50
+from mapper.input_files import read_text
+from mapper.safe_yaml import load_yaml
 
 
 class NeoXYaml(dict):
@@ -89,52 +87,20 @@ def load_neox_yaml(paths: Sequence[Path | str] | Path | str) -> NeoXYaml:
 
 
 def _read_yaml(path: Path) -> Any:
+    """A config file's YAML: a regular file of bounded size, parsed with bounded nesting and aliases
+    (:mod:`mapper.safe_yaml`); a key written twice is an error."""
+    text = read_text(path, what="this NeoX config", error=MapperError,
+                     hint="check the path given to --config (the YAML the model was trained with)")
     try:
-        if not path.is_file():
-            raise MapperError("not a regular file" if path.exists() else "no such file", where=path,
-                              hint="check the path given to --config (the YAML the model was trained with)")
-        if path.stat().st_size > MAX_CONFIG_BYTES:
-            raise MapperError(f"{path.stat().st_size} bytes is too large for a NeoX config (limit {MAX_CONFIG_BYTES})",
-                              where=path, hint="pass the model's YAML config with --config")
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise MapperError(f"not UTF-8 text ({exc.reason})", where=path, hint="NeoX configs are YAML text") from None
-    except OSError as exc:
-        raise MapperError(f"cannot read NeoX config: {exc.strerror or exc}", where=path,
-                          hint="check the path given to --config (the YAML the model was trained with)") from exc
-    try:
-        loaded = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+        return load_yaml(text, where=str(path), loader=_UniqueKeyLoader)
     except MapperError as exc:
         raise MapperError(exc.message, where=f"{path}:{(exc.where or '').split(':', 1)[-1]}", hint=exc.hint) from None
-    except RecursionError:
-        raise MapperError("the YAML is nested too deeply to be a NeoX config", where=path,
-                          hint=f"NeoX configs are flat mappings (limit {MAX_CONFIG_DEPTH} levels)") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else path
         raise MapperError(f"not valid YAML: {getattr(exc, 'problem', None) or exc}", where=where,
                           hint="fix the YAML at that line, or pass another file with --config "
                           "(NeoX configs are plain YAML mappings)") from None
-    _check_size(loaded, path)
-    return loaded
-
-
-def _check_size(value: Any, where: Path) -> None:
-    """Refuse documents whose aliases expand to huge or deep structures before anything walks them."""
-    count = 0
-    stack: list[tuple[Any, int]] = [(value, 0)]
-    while stack:
-        node, depth = stack.pop()
-        count += 1
-        if count > MAX_CONFIG_VALUES or depth > MAX_CONFIG_DEPTH:
-            raise MapperError(
-                f"the YAML expands to more than {MAX_CONFIG_VALUES} values or {MAX_CONFIG_DEPTH} levels "
-                "(aliases repeating aliases?)", where=where,
-                hint="NeoX configs are small flat mappings; write the values out instead of nesting aliases")
-        if isinstance(node, dict):
-            stack.extend((v, depth + 1) for v in node.values())
-        elif isinstance(node, list):
-            stack.extend((v, depth + 1) for v in node)
 
 
 def normalize_keys(raw: Mapping[str, Any], *, where: str) -> dict[str, Any]:

@@ -18,6 +18,7 @@ import torch
 from safetensors import safe_open
 
 from mapper.errors import CheckpointError
+from mapper.input_files import check_regular
 from mapper.tensors import TensorMeta
 
 
@@ -55,6 +56,7 @@ class Sidecar:
 
     @classmethod
     def load(cls, path: Path) -> Sidecar:
+        check_regular(path, what="the sidecar")  # a FIFO would block the read forever
         try:
             with safe_open(str(path), framework="pt") as handle:
                 metadata = handle.metadata() or {}

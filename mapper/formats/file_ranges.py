@@ -46,27 +46,46 @@ class FileRange:
     nbytes: int
 
 
-def storage_records(path: Path) -> list[tuple[int, int]]:
-    """(data offset, size) of every storage record (``<archive>/data/<key>``, stored
-    uncompressed) of the ``torch.save`` zip file ``path``, sorted by offset."""
+@dataclass(frozen=True)
+class ZipRecord:
+    """One record of a zip file: its name, where its bytes start, its stored size, and whether it
+    is stored as is (``torch.save`` never compresses; torch's zip reader would inflate one)."""
+
+    name: str
+    offset: int
+    size: int
+    stored: bool
+
+
+def zip_records(path: Path) -> list[ZipRecord]:
+    """Every record of the zip file ``path``, from its directory and local headers (as torch's
+    reader finds them: the data starts after the local header's name and extra field)."""
     records = []
     with open(path, "rb") as f, zipfile.ZipFile(f) as archive:
         for info in archive.infolist():
-            parent, _, key = info.filename.rpartition("/")
-            if not (parent.endswith("data") and key.isdigit()):
-                continue
-            if info.compress_type != zipfile.ZIP_STORED or info.file_size == 0:
-                continue
             f.seek(info.header_offset)
             header = f.read(LOCAL_HEADER.size)
-            if len(header) != LOCAL_HEADER.size:
-                continue
+            if len(header) != LOCAL_HEADER.size or header[:4] != LOCAL_HEADER_MAGIC:
+                raise zipfile.BadZipFile(f"record {info.filename!r} has no local header")
             fields = LOCAL_HEADER.unpack(header)
-            if fields[0] != LOCAL_HEADER_MAGIC:
-                continue
-            name_length, extra_length = fields[9], fields[10]
-            records.append((info.header_offset + LOCAL_HEADER.size + name_length + extra_length, info.file_size))
-    return sorted(records)
+            offset = info.header_offset + LOCAL_HEADER.size + fields[9] + fields[10]
+            records.append(ZipRecord(info.filename, offset, info.compress_size, info.compress_type == zipfile.ZIP_STORED))
+    return records
+
+
+def is_storage_record(name: str) -> bool:
+    """``<archive>/data/<key>``: the bytes of one storage."""
+    parent, _, key = name.rpartition("/")
+    return parent.endswith("data") and key.isdigit()
+
+
+def storage_records(path: Path) -> list[tuple[int, int]]:
+    """(data offset, size) of every storage record (``<archive>/data/<key>``, stored
+    uncompressed) of the ``torch.save`` zip file ``path``, sorted by offset."""
+    return sorted(
+        (record.offset, record.size) for record in zip_records(path)
+        if is_storage_record(record.name) and record.stored and record.size > 0
+    )
 
 
 def mapping_base(records: list[tuple[int, int]], tensors: Iterable[torch.Tensor]) -> int | None:

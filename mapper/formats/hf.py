@@ -13,7 +13,6 @@ for safetensors, a map of that tensor's bytes alone, so the pages read go away w
 from __future__ import annotations
 
 import difflib
-import json
 import threading
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
@@ -25,6 +24,7 @@ from mapper.formats import safe_pickle
 from mapper.formats.naming import natural_key
 from mapper.formats.readahead import will_need
 from mapper.formats.safetensors_io import Entry, map_tensor, read_header
+from mapper.input_files import check_regular, read_json
 from mapper.tensors import ClosingReader, TensorMeta
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -34,20 +34,18 @@ BIN_SINGLE = "pytorch_model.bin"
 LOOKED_FOR = f"{SAFETENSORS_INDEX}, {SAFETENSORS_SINGLE}, {BIN_INDEX} or {BIN_SINGLE}"
 
 
+def _present(path: Path) -> bool:
+    """Something by this name that is not a folder (a FIFO too: it is refused when read, by name,
+    rather than silently passed over)."""
+    return path.exists() and not path.is_dir()
+
+
 def is_hf_folder(folder: Path) -> bool:
-    return any(
-        (folder / name).is_file() for name in (SAFETENSORS_INDEX, SAFETENSORS_SINGLE, BIN_INDEX, BIN_SINGLE)
-    )
+    return any(_present(folder / name) for name in (SAFETENSORS_INDEX, SAFETENSORS_SINGLE, BIN_INDEX, BIN_SINGLE))
 
 
 def _read_json(path: Path) -> Any:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(
-            f"cannot read this JSON file ({exc})", where=path, hint="copy it again"
-        ) from exc
+    return read_json(path, what=path.name)
 
 
 def _inside(folder: Path, name: Any, index: Path) -> Path:
@@ -81,7 +79,9 @@ def _index_files(folder: Path, index_name: str) -> dict[str, Path]:
         )
     files = {str(key): _inside(folder, name, index) for key, name in weight_map.items()}
     for path in sorted(set(files.values())):
-        if not path.is_file():
+        if path.exists():
+            check_regular(path, what="this shard")
+        else:
             raise CheckpointError(
                 f"the index names {path.name}, which does not exist",
                 where=index,
@@ -107,7 +107,7 @@ class HFCheckpoint(ClosingReader):
                 hint="pass the HuggingFace model folder (the one with config.json)",
             )
         config_path = self.path / "config.json"
-        self.config: dict[str, Any] | None = _read_json(config_path) if config_path.is_file() else None
+        self.config: dict[str, Any] | None = _read_json(config_path) if _present(config_path) else None
         self._lock = threading.Lock()
         self._loaded: dict[Path, dict[str, torch.Tensor]] = {}
         self._legacy: tuple[Path, dict[str, torch.Tensor]] | None = None
@@ -116,16 +116,16 @@ class HFCheckpoint(ClosingReader):
         self._file_of: dict[str, Path] = {}
         self.metadata: dict[str, str] = {}
         self.notes: list[str] = []
-        if (self.path / SAFETENSORS_INDEX).is_file():
+        if _present(self.path / SAFETENSORS_INDEX):
             self.format = "safetensors"
             self._open_safetensors(_index_files(self.path, SAFETENSORS_INDEX), self.path / SAFETENSORS_INDEX)
-        elif (self.path / SAFETENSORS_SINGLE).is_file():
+        elif _present(self.path / SAFETENSORS_SINGLE):
             self.format = "safetensors"
             self._open_safetensors(None, None)
-        elif (self.path / BIN_INDEX).is_file():
+        elif _present(self.path / BIN_INDEX):
             self.format = "bin"
             self._open_bin(_index_files(self.path, BIN_INDEX), self.path / BIN_INDEX)
-        elif (self.path / BIN_SINGLE).is_file():
+        elif _present(self.path / BIN_SINGLE):
             self.format = "bin"
             self._open_bin(None, None)
         else:

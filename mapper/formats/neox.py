@@ -57,6 +57,7 @@ from mapper.formats.naming import (
     neox_key,
 )
 from mapper.formats.readahead import will_need
+from mapper.input_files import check_regular, read_bytes
 from mapper.tensors import ClosingReader, TensorMeta
 
 PIPELINE = "pipeline"
@@ -84,12 +85,27 @@ def looks_like_neox(folder: Path) -> bool:
     )
 
 
+MAX_LATEST_BYTES = 4096  # 'latest' holds one folder name
+_NOT_IN_A_TAG = re.compile(r"[/\\\x00-\x1f\x7f]")  # a tag is one folder name: no path, no control character
+
+
+def _is_folder_name(tag: str) -> bool:
+    return bool(tag) and tag not in (".", "..") and len(tag.encode()) <= 255 and not _NOT_IN_A_TAG.search(tag)
+
+
 def _checked_tag(latest: Path) -> str:
-    tag = latest.read_text(encoding="utf-8", errors="replace").strip()
-    if not tag or tag in (".", "..") or "/" in tag or "\\" in tag or "\0" in tag:
+    """The tag folder's name in ``latest``. What the file holds is quoted in an error only when
+    ``latest`` is no link: a link to another file (say, a key file) must not get that file's
+    contents printed."""
+    raw = read_bytes(latest, limit=MAX_LATEST_BYTES, what="'latest'")
+    tag = raw.decode("utf-8", errors="replace").strip()
+    if not _is_folder_name(tag):
+        message = (
+            "'latest' is a link to another file, which holds no folder name (its contents are not shown)"
+            if latest.is_symlink() else f"'latest' names {tag[:255]!r}, which is not a folder name beside it"
+        )
         raise CheckpointError(
-            f"'latest' names {tag!r}, which is not a folder name beside it",
-            where=latest,
+            message, where=latest,
             hint="write the tag folder's name (e.g. global_step1000) into 'latest', or pass that folder",
         )
     return tag
@@ -108,12 +124,16 @@ def resolve_tag_folder(path: Path) -> tuple[Path, str, list[str]]:
     if _has_model_files(path):
         return path, path.name, []
     latest = path / "latest"
-    if latest.is_file():
+    if latest.exists() and not latest.is_dir():
         tag = _checked_tag(latest)
         folder = path / tag
         if not folder.is_dir():
+            message = (
+                f"'latest' is a link to another file, which names no folder in {path} (its contents are not shown)"
+                if latest.is_symlink() else f"'latest' names the tag {tag!r} but there is no folder {folder}"
+            )
             raise CheckpointError(
-                f"'latest' names the tag {tag!r} but there is no folder {folder}",
+                message,
                 where=latest,
                 hint="fix 'latest' or pass the tag folder itself",
             )
@@ -138,7 +158,9 @@ def find_config_files(folder: Path, root: Path) -> list[Path]:
     for base in (folder, root, folder.parent):
         configs = base / "configs"
         if configs.is_dir():
-            found = [p for p in configs.iterdir() if p.is_file() and p.suffix.lower() in CONFIG_SUFFIXES]
+            found = [p for p in configs.iterdir() if p.suffix.lower() in CONFIG_SUFFIXES and not p.is_dir()]
+            for path in found:
+                check_regular(path, what="this config file")
             if found:
                 return sorted(found, key=lambda p: natural_key(p.name))
     return []
@@ -196,12 +218,15 @@ class NeoXCheckpoint(ClosingReader):
                     self.notes.append(f"{entry}: ignored folder")
                 continue
             if match := LAYER_FILE.match(entry.name):
+                check_regular(entry, what="this layer file")  # a FIFO would block the read forever
                 layer_files[(int(match["idx"]), int(match["rank"]))] = entry
             elif match := MP_RANK_FILE.match(entry.name):
+                check_regular(entry, what="this mp_rank file")
                 mp_files[int(match["rank"])] = entry
             elif IGNORED_FILES.match(entry.name):
                 self.notes.append(f"{entry}: ignored (not model weights)")
             elif entry.suffix.lower() in WEIGHT_SUFFIXES:
+                check_regular(entry, what="this file")
                 raise CheckpointError(
                     "unknown file in a NeoX checkpoint folder; it may hold weights mapper would drop",
                     where=entry,

@@ -10,6 +10,21 @@
   processes on the same host (:func:`clean_stale_staging`).
 - ``OUT`` may not be, lie inside, or contain an input folder (:func:`check_output_path`), and an
   existing ``OUT`` is replaced only with ``force=True`` and only after the new one is complete.
+  ``OUT`` itself is never followed as a symbolic link: a link is refused, not its target replaced
+  (folders above ``OUT`` may be links).
+- Publishing (:meth:`StagingFolder.commit`) moves an existing ``OUT`` aside, renames the staging
+  folder to ``OUT`` and only then deletes the old copy; the renames run under an exclusive lock on
+  the parent folder (``flock``), so two runs publishing the same ``OUT`` at once take turns (with
+  ``force`` the later one replaces the earlier; without, it is refused), and with SIGINT/SIGTERM
+  deferred (:func:`mapper.interrupts.critical`), so an interrupt never falls between them.
+- SIGINT and SIGTERM remove the staging folder on the way out (:mod:`mapper.interrupts`). What a
+  killed run of this host leaves (``.OUT.mapper-staging-*``, ``.OUT.mapper-trash-*``; a
+  ``.OUT.mapper-old-*`` copy goes back to ``OUT`` if ``OUT`` is missing) is swept by the next run
+  writing ``OUT``. Only that output's: machines sharing a filesystem may share a host name, and a
+  "dead" pid there may be another machine's live run.
+- Bad output paths are refused before anything is written, as :class:`~mapper.errors.ConversionError`
+  (exit code 2): a parent that is a file, a name too long for the filesystem once the staging
+  suffix is added, a folder that cannot be created (read-only filesystem, permissions).
 - A full disk is a :class:`~mapper.errors.ConversionError` saying how many bytes were needed.
 
 Multi-machine parts share one staging folder, ``.OUT.mapper-parts`` (no host or pid in the name,
@@ -34,6 +49,7 @@ from types import TracebackType
 from typing import Any
 
 from mapper.errors import ConversionError
+from mapper.interrupts import critical, note_published
 
 HOST = re.sub(r"[^A-Za-z0-9_.-]", "_", socket.gethostname()) or "host"
 CHUNK = 1 << 30  # Linux writes at most ~2 GiB per write(2); stay well below.
@@ -65,27 +81,34 @@ def pid_alive(pid: int) -> bool:
 
 
 def clean_stale_staging(out: Path) -> list[Path]:
-    """Remove staging folders for ``out`` left by dead processes of this host.
+    """Remove what dead processes of this host left for ``out``.
 
     A ``.OUT.mapper-old-*`` folder of a dead process is the previous ``OUT`` moved aside by a
-    ``force`` replacement that was killed half-way: it is moved back if ``OUT`` is missing.
-    Returns what was removed or restored.
+    ``force`` replacement that was killed between its two renames: it is moved back if ``OUT`` is
+    missing (else removed). Staging and trash folders are removed. Returns what was touched.
     """
     pattern = re.compile(
-        rf"^\.{re.escape(out.name)}\.mapper-(?P<what>staging|old)-{re.escape(HOST)}-(?P<pid>\d+)"
+        rf"^\.{re.escape(out.name)}\.mapper-(?P<what>staging|old|trash)-{re.escape(HOST)}-(?P<pid>\d+)"
         r"(-[0-9a-f]+)?$"
     )
     touched: list[Path] = []
-    if not out.parent.is_dir():
+    try:
+        entries = list(out.parent.iterdir()) if out.parent.is_dir() else []
+    except OSError:
         return touched
-    for entry in out.parent.iterdir():
+    for entry in entries:
         match = pattern.match(entry.name)
         if not match or int(match["pid"]) == os.getpid() or pid_alive(int(match["pid"])):
             continue
-        if match["what"] == "old" and not out.exists():
-            os.rename(entry, out)
-        else:
-            shutil.rmtree(entry, ignore_errors=True)
+        if entry.is_symlink() or not entry.is_dir():
+            continue  # not something mapper made
+        try:
+            if match["what"] == "old" and not (out.exists() or out.is_symlink()):
+                os.rename(entry, out)
+            else:
+                shutil.rmtree(entry, ignore_errors=True)
+        except OSError:
+            continue
         touched.append(entry)
     return touched
 
@@ -94,9 +117,63 @@ def _resolved(path: str | Path) -> Path:
     return Path(path).expanduser().resolve()
 
 
+def output_folder(out: str | Path) -> Path:
+    """The absolute path of ``out`` with its parent folders resolved but not ``out`` itself:
+    an output that is a symbolic link stays one (and is refused), never its target replaced."""
+    absolute = Path(os.path.abspath(Path(out).expanduser()))
+    if not absolute.name:
+        raise ConversionError(f"{absolute} cannot be an output folder", where=absolute,
+                              hint="name a new folder, e.g. ./hf-model")
+    try:
+        return absolute.parent.resolve() / absolute.name
+    except (OSError, RuntimeError) as exc:  # a link loop above the output
+        raise ConversionError(f"cannot resolve the folders above the output ({exc})", where=absolute,
+                              hint="check the output path") from None
+
+
+# the longest name mapper gives a sibling of OUT (a pid has at most 10 digits)
+_SIBLING_SUFFIX = f".mapper-staging-{HOST}-{'9' * 10}-{'f' * 8}"
+
+
+def _check_parent_and_name(target: Path) -> None:
+    """Refuse an output whose parent is a file, or whose name is too long with mapper's suffixes."""
+    ancestor = target.parent
+    while not (ancestor.exists() or ancestor.is_symlink()) and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ConversionError(
+            f"the output folder cannot be created: {ancestor} is a file, not a folder",
+            where=target, hint="choose an output path whose parent folders are folders",
+        )
+    try:
+        name_max = os.pathconf(ancestor, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):
+        name_max = 255
+    longest = len(os.fsencode(f".{target.name}{_SIBLING_SUFFIX}"))
+    if longest > name_max:
+        room = name_max - (longest - len(os.fsencode(target.name)))
+        raise ConversionError(
+            f"the output folder's name has {len(os.fsencode(target.name))} bytes: too long for the hidden staging "
+            f"folder beside it ('.NAME{_SIBLING_SUFFIX}'), whose name may have at most {name_max} bytes here",
+            where=target, hint=f"choose an output folder name of at most {room} bytes",
+        )
+
+
 def check_output_path(out: str | Path, *, inputs: Iterable[str | Path] = (), force: bool = False) -> Path:
-    """The absolute output folder, after refusing the outputs that would lose data."""
-    target = _resolved(out)
+    """The absolute output folder (see :func:`output_folder`), after refusing the outputs that
+    would lose data or cannot be written."""
+    target = output_folder(out)
+    try:
+        _check_output(target, inputs, force)
+    except OSError as exc:  # e.g. a parent folder mapper may not look into
+        raise ConversionError(
+            f"cannot inspect the output path ({exc.strerror or exc})", where=target,
+            hint="check the permissions of the folders above the output, or write elsewhere",
+        ) from None
+    return target
+
+
+def _check_output(target: Path, inputs: Iterable[str | Path], force: bool) -> None:
     for given in inputs:
         source = _resolved(given)
         if target == source or source in target.parents:
@@ -115,8 +192,9 @@ def check_output_path(out: str | Path, *, inputs: Iterable[str | Path] = (), for
             )
     if target.exists() or target.is_symlink():
         if not target.is_dir() or target.is_symlink():
+            kind = "a symbolic link" if target.is_symlink() else "not a folder"
             raise ConversionError(
-                f"{target} exists and is not a folder; mapper only replaces folders",
+                f"{target} exists and is {kind}; mapper only replaces folders (never what a link points to)",
                 where=target,
                 hint="remove it or choose another output path",
             )
@@ -127,7 +205,7 @@ def check_output_path(out: str | Path, *, inputs: Iterable[str | Path] = (), for
                 hint="choose another output folder, or pass force=True (--force) to replace it "
                 "once the new output is complete",
             )
-    return target
+    _check_parent_and_name(target)
 
 
 def free_bytes(folder: Path) -> int | None:
@@ -167,13 +245,15 @@ def disk_full_error(path: Path, *, written: int, needed: int | None, total: int 
     )
 
 
-def check_free_space(folder: Path, needed: int) -> None:
-    """Fail before writing anything when the output clearly cannot fit."""
+def check_free_space(folder: Path, needed: int, *, output: Path | None = None) -> None:
+    """Fail before writing anything when the output clearly cannot fit. ``output`` is the folder
+    the user named (``folder`` may be its hidden staging folder, gone once the run is over)."""
     free = free_bytes(folder)
     if free is not None and free < needed:
+        named = output or visible_path(folder / "_")[0]
         raise ConversionError(
-            f"the output needs {needed} bytes but only {free} bytes are free in {folder}",
-            where=folder,
+            f"the output {named} needs {needed} bytes but only {free} bytes are free on its filesystem",
+            where=named,
             hint="free disk space or write the output to another filesystem",
         )
 
@@ -421,6 +501,27 @@ def _sendfile(source: int, target: int, offset: int, count: int) -> int:
     return os.sendfile(target, source, offset, count)
 
 
+@contextlib.contextmanager
+def _publishing_lock(folder: Path) -> Iterator[None]:
+    """An exclusive ``flock`` on ``folder`` (where it is supported): runs publishing outputs into
+    the same folder take turns."""
+    try:
+        import fcntl
+
+        fd = os.open(folder, os.O_RDONLY)
+    except (ImportError, OSError):
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:  # a filesystem without locks: publish all the same
+            pass
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def write_bytes_atomic(path: Path, data: bytes) -> None:
     with AtomicFile(path, needed=len(data)) as f:
         f.write(data)
@@ -453,35 +554,70 @@ class StagingFolder:
 
     def create(self) -> Path:
         created = [p for p in (self.out.parent, *self.out.parent.parents) if not p.exists()]
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        clean_stale_staging(self.out)
-        if self.shared:
-            self.path.mkdir(exist_ok=True)
-        else:
-            self.path.mkdir()
-            # folders made for OUT's parent go too (if still empty): an aborted run leaves nothing
-            self._cleanup = weakref.finalize(self, _remove_tree, self.path, created)
+        try:
+            self.out.parent.mkdir(parents=True, exist_ok=True)
+            clean_stale_staging(self.out)
+            if self.shared:
+                self.path.mkdir(exist_ok=True)
+            else:
+                self.path.mkdir()
+                # folders made for OUT's parent go too (if still empty): an aborted run leaves nothing
+                self._cleanup = weakref.finalize(self, _remove_tree, self.path, created)
+        except OSError as exc:
+            if not self.shared:
+                _remove_tree(self.path, created)
+            raise ConversionError(
+                f"cannot create the output folder here: {exc.strerror or exc}", where=self.out,
+                hint="check the output filesystem (read-only mount, permissions, quota) or write elsewhere",
+            ) from None
         return self.path
 
     def commit(self) -> Path:
-        """Rename the staging folder to ``out``; an existing ``out`` is replaced only now."""
+        """Rename the staging folder to ``out``; an existing ``out`` is replaced only now (see the
+        module docstring: under a lock on the parent folder, with interrupts deferred)."""
         check_output_path(self.out, force=self.force)
         fsync_dir(self.path)
-        if self.out.exists():
-            old = self.out.parent / f".{self.out.name}.mapper-old-{HOST}-{os.getpid()}-{secrets.token_hex(4)}"
-            os.rename(self.out, old)
+        trash = None
+        try:
+            with critical(), _publishing_lock(self.out.parent):
+                check_output_path(self.out, force=self.force)  # another run may have published meanwhile
+                old = self._swap_in()
+                if self._cleanup is not None:
+                    self._cleanup.detach()
+                note_published(self.out)
+                if old is not None:  # renamed first, so a half-deleted copy is never taken for the output
+                    trash = old.with_name(f".{self.out.name}.mapper-trash-{HOST}-{os.getpid()}-{secrets.token_hex(4)}")
+                    try:
+                        os.rename(old, trash)
+                    except OSError:
+                        trash = old
+            fsync_dir(self.out.parent)
+        finally:  # an interrupt deferred by critical() is raised above: the old copy goes all the same
+            if trash is not None:
+                shutil.rmtree(trash, ignore_errors=True)
+        return self.out
+
+    def _swap_in(self) -> Path | None:
+        """Move an existing ``out`` aside and the staging folder to ``out``; the old copy's path."""
+        old = None
+        try:
+            if self.out.exists():
+                old = self.out.parent / f".{self.out.name}.mapper-old-{HOST}-{os.getpid()}-{secrets.token_hex(4)}"
+                os.rename(self.out, old)
             try:
                 os.rename(self.path, self.out)
-            except BaseException:
-                os.rename(old, self.out)
+            except OSError:
+                if old is not None:
+                    os.rename(old, self.out)
+                    old = None
                 raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(self.path, self.out)
-        if self._cleanup is not None:
-            self._cleanup.detach()
-        fsync_dir(self.out.parent)
-        return self.out
+        except OSError as exc:
+            raise ConversionError(
+                f"cannot publish the output: {exc.strerror or exc}"
+                + (f"; the previous output was kept as {old}" if old is not None else ""),
+                where=self.out, hint="check the output folder's filesystem and permissions, then run again",
+            ) from None
+        return old
 
     def abort(self) -> None:
         if self.shared:

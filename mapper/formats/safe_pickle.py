@@ -33,10 +33,24 @@ other people, so this module is the only place mapper reads a pickle, and its po
      never imported or called. An inert object inside ``"module"`` (where tensors belong) is
      refused; elsewhere mapper never looks at it.
    - anything else is refused.
-4. Legacy non-zip files (``_use_new_zipfile_serialization=False``) cannot be listed up front nor
-   memory-mapped. They are loaded with ``weights_only=True`` and no mmap (whole file in memory);
-   the restricted unpickler still refuses an unknown global before touching it, and its error is
-   reported as an UnsafeCheckpointError.
+4. Legacy non-zip files (``_use_new_zipfile_serialization=False``) cannot be memory-mapped.
+   They are read whole, their pickles' globals listed the same way (:mod:`pickletools`), then
+   loaded with ``weights_only=True`` from memory; the restricted unpickler still refuses an
+   unknown global before touching it, and its error is reported as an UnsafeCheckpointError.
+5. Resources. Small files must not cost much memory or time, nor be read differently than
+   ``torch.load`` reads them:
+
+   - only regular files are opened (a FIFO named like a checkpoint would block forever);
+   - ``builtins.bytearray`` is refused although torch allows it: ``bytearray(2000000000)`` in a
+     pickle of a few bytes allocates and zeroes 2 GB (:data:`REFUSED_GLOBALS`);
+   - a zip record stored compressed is refused (``torch.save`` never compresses, and the
+     memory map would read the compressed bytes as values; a deflated ``data.pkl`` can inflate a
+     1 MB file to a 1 GB pickle), as is a ``data.pkl`` larger than :data:`MAX_PICKLE_BYTES`;
+   - before the memory-mapped load, the file is loaded once onto the ``meta`` device (the
+     pickle only, no tensor data, nothing allocated): every tensor must be a dense tensor whose
+     storage is a record of the file, and no storage may claim more bytes than its record holds
+     (``torch.load`` refuses that file; the memory map would read past the record). A tensor the
+     pickle builds itself (``torch.FloatTensor(2**31)``, a meta or sparse tensor) is refused too.
 
 torch keeps its allow-list process-wide, so loads through this module are serialized by a lock,
 and only entries not already allow-listed are added for the duration of one load and then
@@ -49,6 +63,7 @@ import io
 import pickle
 import pickletools
 import re
+import struct
 import threading
 import zipfile
 from collections.abc import Callable, Iterator, Mapping
@@ -59,10 +74,19 @@ from typing import Any, ClassVar
 import torch
 
 from mapper.errors import CheckpointError, UnsafeCheckpointError
+from mapper.formats.file_ranges import zip_records
+from mapper.input_files import check_regular
 
 ZIP_MAGIC = b"PK\x03\x04"
 BYTESIO_GLOBAL = "_io.BytesIO"
 BYTES_GLOBAL = "builtins.bytes"
+# allowed by torch's weights_only unpickler, refused here: called from a few bytes of pickle, they
+# allocate any size (bytearray(n) zeroes it; torch.FloatTensor(n) and kin are never in a saved state)
+REFUSED_GLOBALS = frozenset(
+    {"builtins.bytearray", "__builtin__.bytearray"}
+    | {f"{cls.__module__}.{cls.__name__}" for cls in torch._tensor_classes}
+)
+MAX_PICKLE_BYTES = 256 * 2**20  # a data.pkl (state dicts of thousands of tensors take a few MB)
 
 # Plain-data classes/functions DeepSpeed and NeoX training state is known to pickle.
 PLAIN_DATA_GLOBALS: tuple[str, ...] = (
@@ -123,6 +147,105 @@ def is_zip_file(path: Path) -> bool:
     """True for the zip format of ``torch.save`` (mmap-able, globals listable up front)."""
     with open(path, "rb") as f:
         return f.read(4) == ZIP_MAGIC
+
+
+def _corrupt(path: Path, problem: str) -> CheckpointError:
+    return CheckpointError(
+        f"not a readable torch checkpoint: {problem}", where=path,
+        hint="the file may be truncated or corrupt, or was not written by torch.save; copy it again",
+    )
+
+
+def check_zip_records(path: Path) -> dict[int, int]:
+    """Refuse compressed records and an oversized ``data.pkl``; (data offset -> size) of every
+    record, for :func:`check_storages`."""
+    try:
+        records = zip_records(path)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, struct.error) as exc:
+        raise _corrupt(path, f"its zip directory cannot be read ({exc})") from None
+    size = path.stat().st_size
+    for record in records:
+        if not record.stored:
+            raise UnsafeCheckpointError(
+                f"record {record.name!r} is stored compressed; torch.save never compresses, and mapper "
+                "reads records as they lie in the file. Nothing was loaded.",
+                where=path, hint="re-save the checkpoint with torch.save from a trusted environment",
+            )
+        if record.offset + record.size > size:
+            raise _corrupt(path, f"record {record.name!r} ends past the end of the file (truncated?)")
+        if record.name.endswith("data.pkl") and record.size > MAX_PICKLE_BYTES:
+            raise UnsafeCheckpointError(
+                f"its pickle (data.pkl) has {record.size} bytes; mapper reads pickles of at most "
+                f"{MAX_PICKLE_BYTES} bytes (a state dict's is a few MB)",
+                where=path, hint="is this a model checkpoint? re-save plain tensors with torch.save",
+            )
+    return {record.offset: record.size for record in records}
+
+
+def _refuse_allocating_globals(path: Path, found: set[str]) -> None:
+    refused = sorted(found & REFUSED_GLOBALS)
+    if refused:
+        raise UnsafeCheckpointError(
+            f"refusing to load: its pickle calls {', '.join(refused)}, which can allocate any amount of "
+            "memory from a few bytes of file. Nothing from the file was run.",
+            where=path, hint="model weights are tensors; re-save them as a plain dict of tensors",
+        )
+
+
+def check_storages(path: Path, records: Mapping[int, int]) -> None:
+    """Load ``path``'s pickle onto the meta device (no data read, nothing allocated) and refuse
+    tensors that are not dense views of the file's records, or that claim more than their record
+    holds (see the module docstring)."""
+    try:
+        skeleton = torch.load(path, map_location="meta", weights_only=True)
+    except pickle.UnpicklingError:
+        return  # refused with the real load's clearer message
+    except Exception as exc:  # noqa: BLE001 -- torch's own (and the unpickler's) error types vary
+        raise _corrupt(path, f"{type(exc).__name__}: {exc}") from None
+    for key, value in _walk(skeleton, None):
+        if not isinstance(value, torch.Tensor):
+            continue
+        where = f"{path}:{key}" if key is not None else path
+        _check_dense(value, where)
+        storage = value.untyped_storage()
+        offset = getattr(storage, "_checkpoint_offset", None)
+        if offset is None and _META_OFFSETS:
+            raise CheckpointError(
+                "a tensor whose values are not stored in the file (a meta tensor, or one its pickle "
+                "builds itself)", where=where,
+                hint="save the model's weights after loading them (a meta tensor is only a shape), "
+                "with torch.save of plain tensors",
+            )
+        if offset is not None and storage.nbytes() > records.get(offset, -1):
+            held = records.get(offset)
+            raise _corrupt(
+                path,
+                f"a tensor's storage claims {storage.nbytes()} bytes, but "
+                + (f"its record holds {held}" if held is not None else "no record lies where it would start")
+                + (f" (tensor {key!r})" if key is not None else ""),
+            )
+
+
+def _check_dense(tensor: torch.Tensor, where: str | Path) -> None:
+    """Refuse tensors without plain values in the file: sparse, quantized, meta, nested."""
+    if tensor.layout != torch.strided or tensor.is_quantized or getattr(tensor, "is_nested", False):
+        raise CheckpointError(
+            f"a {str(tensor.layout).removeprefix('torch.')}{' quantized' if tensor.is_quantized else ''} tensor; "
+            "mapper converts dense (strided) tensors only", where=where,
+            hint="densify it (tensor.to_dense()) and save again",
+        )
+
+
+def _checkpoint_offsets_supported() -> bool:
+    """Whether this torch tells, on the meta device, where a storage's record lies."""
+    buffer = io.BytesIO()
+    torch.save({"probe": torch.zeros(1)}, buffer)
+    buffer.seek(0)
+    probe = torch.load(buffer, map_location="meta", weights_only=True)["probe"]
+    return getattr(probe.untyped_storage(), "_checkpoint_offset", None) is not None
+
+
+_META_OFFSETS = _checkpoint_offsets_supported()
 
 
 def plain_bytes(*args: Any) -> bytes:
@@ -238,8 +361,10 @@ def load(path: str | Path, *, training_state: bool = False) -> Any:
     path = Path(path)
     allowance = _allowance(training_state)
     allowed_names = {_global_name(entry) for entry in allowance}
+    check_regular(path, what="this checkpoint file")
     try:
         zipped = is_zip_file(path)
+        legacy = None if zipped else path.read_bytes()  # read whole anyway (no memory map)
     except OSError as exc:
         raise CheckpointError(
             f"cannot read this file ({exc.strerror or exc})", where=path,
@@ -247,14 +372,22 @@ def load(path: str | Path, *, training_state: bool = False) -> Any:
         ) from exc
     with _LOAD_LOCK:
         if zipped:
+            records = check_zip_records(path)
+            _refuse_allocating_globals(path, _globals_in_pickle(_pickle_of_zip(path)))
             bad = [g for g in unsafe_globals(path) if g not in allowed_names]
             if bad:
                 raise _refuse(path, bad, training_state)
+        else:
+            assert legacy is not None
+            _refuse_allocating_globals(path, _globals_in_legacy(path, legacy))
         present = set(torch.serialization.get_safe_globals())
         added = [entry for entry in allowance if entry not in present]
         try:
             with torch.serialization.safe_globals(added):
-                return torch.load(path, map_location="cpu", weights_only=True, mmap=zipped)
+                if zipped:
+                    check_storages(path, records)
+                    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+                return torch.load(io.BytesIO(legacy), map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as exc:
             raise UnsafeCheckpointError(
                 f"refusing to load: {_unpickler_reason(exc)}. Nothing from the file was run.",
@@ -262,12 +395,32 @@ def load(path: str | Path, *, training_state: bool = False) -> Any:
                 hint="mapper loads only tensors and plain containers; re-save the weights as a "
                 "plain dict of tensors from a trusted environment",
             ) from exc
-        except (RuntimeError, OSError, EOFError, ValueError, zipfile.BadZipFile) as exc:
+        except CheckpointError:
+            raise
+        except Exception as exc:  # noqa: BLE001 -- a damaged file makes torch (and its unpickler) raise anything
             raise CheckpointError(
                 f"cannot read this torch checkpoint ({type(exc).__name__}: {exc})",
                 where=path,
                 hint="the file may be truncated or corrupt; copy it again",
             ) from exc
+
+
+def _globals_in_legacy(path: Path, data: bytes) -> set[str]:
+    """The globals of a legacy file's pickles (magic number, protocol, system info, the object,
+    the storage keys; raw storage bytes follow them)."""
+    stream = io.BytesIO(data)
+    found: set[str] = set()
+    try:
+        for _ in range(5):
+            for opcode, arg, _pos in pickletools.genops(stream):
+                if opcode.name in ("GLOBAL", "INST") and isinstance(arg, str):
+                    found.add(arg.replace(" ", ".", 1))
+    except (ValueError, EOFError, struct.error, UnicodeDecodeError) as exc:
+        raise UnsafeCheckpointError(
+            f"the pickle in this file cannot be checked safely ({exc}); it was not loaded", where=path,
+            hint="re-save it with torch.save from a trusted environment",
+        ) from None
+    return found
 
 
 def bytes_tensor(data: bytes) -> torch.Tensor:
@@ -330,6 +483,12 @@ def tensors_from_state(state: Any, *, file: Path, what: str, notes: list[str]) -
                 f"{what} has a non-string key {key!r}", where=file, hint="keys must be strings"
             )
         if isinstance(value, torch.Tensor):
+            _check_dense(value, where)
+            if value.device.type != "cpu":
+                raise CheckpointError(
+                    f"a tensor on the {value.device.type} device: it has no values in the file", where=where,
+                    hint="save the model's weights after loading them (a meta tensor is only a shape)",
+                )
             tensors[key] = value.detach() if isinstance(value, torch.nn.Parameter) else value
         elif isinstance(value, io.BytesIO):
             if not is_extra_state_key(key):

@@ -13,6 +13,7 @@ its bytes are written (``release``), so memory shrinks while the file grows.
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import struct
 import sys
@@ -28,9 +29,11 @@ from mapper.errors import CheckpointError, ConversionError
 from mapper.formats.file_ranges import FileRange
 from mapper.formats.naming import natural_key
 from mapper.formats.output import Cancelled
+from mapper.input_files import check_regular
 from mapper.tensors import LazyConcat, TensorMeta
 
 MAX_HEADER = 100_000_000  # the reference implementation's limit
+MAX_DIMS = 64  # dimensions of one tensor (torch's own limit is 64 too)
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "BOOL": torch.bool,
@@ -87,8 +90,13 @@ def _entry(path: Path, key: str, raw: Any) -> tuple[TensorMeta, int, int]:
     dtype_name, shape, offsets = raw.get("dtype"), raw.get("shape"), raw.get("data_offsets")
     if dtype_name not in SAFETENSORS_DTYPES:
         raise _bad(path, f"unknown dtype {dtype_name!r} (known: {', '.join(SAFETENSORS_DTYPES)})", key)
-    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
         raise _bad(path, f"shape {shape!r} is not a list of non-negative integers", key)
+    if len(shape) > MAX_DIMS or any(d >= 2**63 for d in shape) or math.prod(d for d in shape if d) >= 2**63:
+        raise _bad(
+            path, f"shape {shape!r} is beyond what a tensor can have (at most {MAX_DIMS} dimensions, "
+            "and sizes whose product is below 2**63)", key,
+        )
     if (
         not isinstance(offsets, list)
         or len(offsets) != 2
@@ -109,7 +117,7 @@ def _entry(path: Path, key: str, raw: Any) -> tuple[TensorMeta, int, int]:
 
 def read_header(path: Path) -> Header:
     """Parse and validate the header of ``path`` without reading any tensor data."""
-    size = path.stat().st_size
+    size = check_regular(path, what="this safetensors file").st_size
     with open(path, "rb") as f:
         head = f.read(8)
         if len(head) < 8:

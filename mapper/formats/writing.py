@@ -57,7 +57,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from mapper.errors import ConversionError
+from mapper.errors import ConversionError, MapperError
 from mapper.formats.output import (
     Flusher,
     StagingFolder,
@@ -66,6 +66,7 @@ from mapper.formats.output import (
     parts_staging_path,
     write_bytes_atomic,
 )
+from mapper.input_files import read_json as read_checked
 from mapper.tensors import LazyConcat, Manifest, TensorMeta, dtype_from_name, dtype_name
 
 META_DIR = ".mapper"
@@ -220,8 +221,29 @@ def plan_digest(document: Mapping[str, Any]) -> str:
 
 
 def read_json(path: Path) -> Any:
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    """A JSON file of the shared staging folder (``plan.json``, a part's marker): another machine
+    may have left it damaged, which is an error naming it, not a crash."""
+    return read_checked(path, what=f"{path.name} of the parts' staging folder", error=ConversionError)
+
+
+def recorded_kind(out: Path) -> str:
+    """``"hf"`` or ``"neox"``: which writer the parts of ``out`` were written with (``"hf"``
+    when no part has recorded its plan yet)."""
+    plan_path = parts_staging_path(out) / META_DIR / "plan.json"
+    if not plan_path.exists():
+        return "hf"
+    document = read_json(plan_path)
+    kind = document.get("kind") if isinstance(document, dict) else None
+    if kind not in ("hf", "neox"):
+        raise _corrupt_plan(plan_path, f"its kind is {kind!r}, not 'hf' or 'neox'")
+    return str(kind)
+
+
+def _corrupt_plan(plan_path: Path, problem: str) -> ConversionError:
+    return ConversionError(
+        f"the parts' plan is damaged: {problem}", where=plan_path,
+        hint=f"delete {plan_path.parent.parent} and run every part again",
+    )
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -463,7 +485,8 @@ class StagedWriter:
         self._marker_path().unlink(missing_ok=True)
         plan_path = meta / "plan.json"
         if plan_path.exists():
-            recorded = read_json(plan_path).get("sha256")
+            document = read_json(plan_path)
+            recorded = document.get("sha256") if isinstance(document, dict) else None
             if recorded != digest:
                 raise ConversionError(
                     f"the shared staging folder {self.staging} holds parts of a different plan "
@@ -500,6 +523,8 @@ class StagedWriter:
                 hint="run every part first (`mapper convert SRC OUT --part I/N`, or parts=(I, N)) into the same output folder",
             )
         document = read_json(plan_path)
+        if not isinstance(document, dict):
+            raise _corrupt_plan(plan_path, f"it holds a JSON {type(document).__name__}, not an object")
         digest = document.pop("sha256", None)
         if document.get("kind") != cls.kind or plan_digest(document) != digest:
             raise ConversionError(
@@ -507,8 +532,12 @@ class StagedWriter:
                 where=plan_path,
                 hint=f"finalize with the writer that wrote the parts, or delete {staging.path}",
             )
-        total = int(document["parts"])
-        plan = [PlannedFile.from_json(raw) for raw in document["files"]]
+        try:
+            total = int(document["parts"])
+            plan = [PlannedFile.from_json(raw) for raw in document["files"]]
+            options = dict(document["options"])
+        except (KeyError, TypeError, ValueError, AttributeError, MapperError) as exc:
+            raise _corrupt_plan(plan_path, f"{type(exc).__name__}: {exc}") from None
         markers = {i: meta / marker_name(i, total) for i in range(1, total + 1)}
         missing = [i for i, m in markers.items() if not m.is_file()]
         if missing:
@@ -519,6 +548,10 @@ class StagedWriter:
             )
         for i, marker in markers.items():
             recorded = read_json(marker)
+            if not isinstance(recorded, dict) or not isinstance(recorded.get("files"), dict):
+                raise ConversionError(
+                    f"the marker of part {i} is damaged", where=marker, hint=f"rerun part {i}"
+                )
             if recorded.get("sha256") != digest:
                 raise ConversionError(
                     f"part {i} was written from a different plan",
@@ -535,7 +568,7 @@ class StagedWriter:
                         where=path,
                         hint=f"rerun part {i}",
                     )
-        cls._write_extras(staging.path, plan, document["options"])
+        cls._write_extras(staging.path, plan, options)
         shutil.rmtree(meta)
         for leftover in staging.path.rglob(".*.tmp-*"):
             leftover.unlink(missing_ok=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from mapper.errors import RuleFileError
@@ -15,14 +16,25 @@ def builtin_rule_files() -> dict[str, Path]:
     return {path.stem: path for path in sorted(rules_dir().glob("*.yaml"))}
 
 
+def looks_like_a_path(name: str | Path) -> bool:
+    """A slash or a rule-file suffix: ``name`` means a file, never a shipped rule set."""
+    text = str(name)
+    return isinstance(name, Path) or "/" in text or os.sep in text or Path(text).suffix in {".yaml", ".yml", ".json"}
+
+
 def load_rules(name_or_path: str | Path) -> RuleSet:
-    """A shipped rule set by name, or a rule file by path; includes resolved, checked."""
-    path = Path(name_or_path)
-    if path.suffix in {".yaml", ".yml", ".json"} or path.exists():
-        return load_rule_file(path)
+    """A shipped rule set by name, or a rule file by path; includes resolved, checked.
+
+    A shipped rule set's name wins over a file or folder of that name in the current folder
+    (which could change what a conversion does without the user knowing); to load such a file,
+    write it as a path (``./NAME``).
+    """
     builtin = builtin_rule_files()
-    if str(name_or_path) in builtin:
+    if not looks_like_a_path(name_or_path) and str(name_or_path) in builtin:
         return load_rule_file(builtin[str(name_or_path)])
+    path = Path(name_or_path)
+    if looks_like_a_path(name_or_path) or path.exists():
+        return load_rule_file(path)
     import difflib
 
     close = difflib.get_close_matches(str(name_or_path), builtin, n=3)

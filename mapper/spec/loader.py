@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
 from stat import S_ISREG
-from typing import Any
+from typing import Any, Optional
 
 import jsonschema
 import yaml
@@ -21,6 +21,8 @@ from pydantic import ValidationError
 
 from mapper.errors import RuleFileError
 from mapper.ops import OPS_BY_NAME
+from mapper.resources import rules_dir
+from mapper.safe_yaml import compose, limited_loader
 from mapper.spec.checks import check_rule_set
 from mapper.spec.models import RuleSet, unwrap, wrap
 from mapper.spec.schema import rule_set_schema
@@ -29,9 +31,17 @@ Position = tuple[int, int]
 Path_ = tuple[Any, ...]
 
 
-def load_rule_file(path: str | Path) -> RuleSet:
-    """Load one file and everything it includes into a flat, checked rule set."""
-    flat = _resolve(_include_path(Path.cwd(), str(path), str(path), top=True), stack=())
+def load_rule_file(path: str | Path, *, confined: bool = False) -> RuleSet:
+    """Load one file and everything it includes into a flat, checked rule set.
+
+    ``confined=True`` is for a rule file found in an input folder (the ``mapper-rules.yaml`` an
+    HF folder carries): its includes may only name files inside its own folder tree or the
+    shipped rules, so a folder from elsewhere cannot make mapper read (and quote in its errors)
+    other files of the machine.
+    """
+    top = _include_path(Path.cwd(), str(path), str(path), top=True)
+    within = (top.parent, rules_dir().resolve()) if confined else None
+    flat = _resolve(top, stack=(), within=within)
     check_rule_set(flat)
     return flat
 
@@ -39,29 +49,26 @@ def load_rule_file(path: str | Path) -> RuleSet:
 def load_rule_text(text: str, *, name: str = "<text>", base: Path | None = None) -> RuleSet:
     """Load rules from a string (tests, tools); includes resolve relative to ``base``."""
     data, positions = parse_document(text, name)
-    flat = _build(data, positions, Path(name), base or Path.cwd(), stack=())
+    flat = _build(data, positions, Path(name), base or Path.cwd(), stack=(), within=None)
     check_rule_set(flat)
     return flat
 
 
 # --- parsing with positions ------------------------------------------------------------
 def parse_document(text: str, where: str) -> tuple[Any, dict[Path_, Position]]:
-    """YAML/JSON text -> plain data plus (line, column) of every node, keyed by its path."""
-    loader: yaml.SafeLoader | None = None
+    """YAML/JSON text -> plain data plus (line, column) of every node, keyed by its path.
+
+    Parsed within :mod:`mapper.safe_yaml`'s limits (nesting, alias expansion, size)."""
+    loader: Any = None
     try:
-        loader = yaml.SafeLoader(text)  # already reads the text: may refuse a character
-        node = loader.get_single_node()
+        loader = limited_loader(text, where=where, error=RuleFileError)  # already reads: may refuse a character
+        node = compose(loader)
         if node is None:
             raise RuleFileError("the file is empty", where=where, hint="start from `mapper rules new`")
         positions: dict[Path_, Position] = {}
-        data = _construct(loader, node, (), positions, where, _Budget())
+        data = _construct(loader, node, (), positions, where)
     except yaml.YAMLError as error:
         raise _yaml_error(error, where) from None
-    except RecursionError:
-        raise RuleFileError(
-            "the document is nested too deeply to be a rule file", where=where,
-            hint="check for unbalanced brackets '[' / '{'",
-        ) from None
     finally:
         if loader is not None:
             loader.dispose()
@@ -85,31 +92,8 @@ _SEQ_TAG = "tag:yaml.org,2002:seq"
 _MAP_TAG = "tag:yaml.org,2002:map"
 
 
-class _Budget:
-    """Bounds the data a document may expand to: YAML aliases can repeat a node exponentially
-    often ("billion laughs") or refer to themselves."""
-
-    LIMIT = 200_000
-
-    def __init__(self) -> None:
-        self.nodes = 0
-        self.open: set[int] = set()  # nodes being constructed (an alias to one is a cycle)
-
-
-def _construct(
-    loader: yaml.SafeLoader, node: yaml.Node, path: Path_, positions: dict, where: str, budget: _Budget
-) -> Any:
-    budget.nodes += 1
-    if budget.nodes > budget.LIMIT:
-        raise RuleFileError(
-            f"the document expands to more than {budget.LIMIT} values (YAML aliases repeating aliases?)",
-            where=_at(where, node.start_mark), hint="write the rules out instead of nesting aliases",
-        )
-    if id(node) in budget.open:
-        raise RuleFileError(
-            "a YAML alias refers to a node that contains it (a recursive structure)",
-            where=_at(where, node.start_mark), hint="remove the alias (*name) inside its own anchor (&name)",
-        )
+def _construct(loader: yaml.SafeLoader, node: yaml.Node, path: Path_, positions: dict, where: str) -> Any:
+    """Plain data from a checked node graph (an alias becomes a copy; the expansion is bounded)."""
     positions[path] = (node.start_mark.line + 1, node.start_mark.column + 1)
     if isinstance(node, (yaml.MappingNode, yaml.SequenceNode)):
         if node.tag not in (_SEQ_TAG, _MAP_TAG):  # e.g. !!python/object/apply: never constructed
@@ -117,11 +101,7 @@ def _construct(
                 f"the YAML tag {node.tag!r} is not allowed", where=_at(where, node.start_mark),
                 hint="rule files hold plain values only: strings, numbers, booleans, lists and mappings",
             )
-        budget.open.add(id(node))
-        try:
-            return _construct_collection(loader, node, path, positions, where, budget)
-        finally:
-            budget.open.discard(id(node))
+        return _construct_collection(loader, node, path, positions, where)
     try:
         return loader.construct_object(node, deep=True)
     except yaml.YAMLError as error:
@@ -131,14 +111,12 @@ def _construct(
         ) from None
 
 
-def _construct_collection(
-    loader: yaml.SafeLoader, node: yaml.Node, path: Path_, positions: dict, where: str, budget: _Budget
-) -> Any:
+def _construct_collection(loader: yaml.SafeLoader, node: yaml.Node, path: Path_, positions: dict, where: str) -> Any:
     if isinstance(node, yaml.SequenceNode):
-        return [_construct(loader, item, path + (i,), positions, where, budget) for i, item in enumerate(node.value)]
+        return [_construct(loader, item, path + (i,), positions, where) for i, item in enumerate(node.value)]
     result: dict[Any, Any] = {}
     for key_node, value_node in node.value:
-        key = _construct(loader, key_node, path + ("<key>",), {}, where, budget)
+        key = _construct(loader, key_node, path + ("<key>",), {}, where)
         if not isinstance(key, (str, int, float, bool)) or key is None:
             raise RuleFileError(
                 "mapping keys must be plain scalars", where=_at(where, key_node.start_mark),
@@ -149,7 +127,7 @@ def _construct_collection(
                 f"key {key!r} appears twice in the same mapping", where=_at(where, key_node.start_mark),
                 hint="YAML would silently keep the last one; remove the duplicate",
             )
-        result[key] = _construct(loader, value_node, path + (key,), positions, where, budget)
+        result[key] = _construct(loader, value_node, path + (key,), positions, where)
     return result
 
 
@@ -257,13 +235,31 @@ def _data_path(data: Any, loc: tuple) -> Path_:
 MAX_RULE_FILE_BYTES = 10 * 2**20  # rule files are small; anything bigger is a wrong path
 
 
-def _resolve(path: Path, stack: tuple[Path, ...]) -> RuleSet:
+MAX_INCLUDE_DEPTH = 32  # files in one chain of includes (the shipped rule sets need 3)
+
+Within = Optional[tuple[Path, ...]]  # the folders includes must stay in (None: anywhere)
+
+
+def _resolve(path: Path, stack: tuple[Path, ...], within: Within) -> RuleSet:
     if path in stack:
         cycle = " -> ".join(p.name for p in stack + (path,))
         raise RuleFileError(f"include cycle: {cycle}", where=stack[-1], hint="remove one of the includes")
+    if len(stack) >= MAX_INCLUDE_DEPTH:
+        chain = " -> ".join(p.name for p in stack[:3]) + " -> ... -> " + " -> ".join(p.name for p in stack[-2:])
+        raise RuleFileError(
+            f"includes nest deeper than {MAX_INCLUDE_DEPTH} files (mapper's limit): {chain} -> {path.name}",
+            where=stack[-1], hint="include the fragments from fewer levels (a rule set lists its fragments)",
+        )
+    if within is not None and stack and not any(path == root or root in path.parents for root in within):
+        raise RuleFileError(
+            f"include {path.name!r} lies outside the rule file's folder and the shipped rules; refusing to read it",
+            where=stack[-1],
+            hint="a rule file found in a model folder may only include files beside it or below it, "
+            "or shipped fragments",
+        )
     stat = _stat_rule_file(path, stack)
     ruleset, positions = _validated_file(path, stat.st_mtime_ns, stat.st_size)
-    return _assemble(ruleset, positions, path, path.parent, stack + (path,))
+    return _assemble(ruleset, positions, path, path.parent, stack + (path,), within)
 
 
 def _stat_rule_file(path: Path, stack: tuple[Path, ...]) -> os.stat_result:
@@ -323,18 +319,20 @@ def _include_path(base: Path, name: str, where: str, *, top: bool = False) -> Pa
         ) from None
 
 
-def _build(data: Any, positions: dict, path: Path, base: Path, stack: tuple[Path, ...]) -> RuleSet:
-    return _assemble(_validate(data, positions, str(path)), positions, path, base, stack)
+def _build(data: Any, positions: dict, path: Path, base: Path, stack: tuple[Path, ...], within: Within) -> RuleSet:
+    return _assemble(_validate(data, positions, str(path)), positions, path, base, stack, within)
 
 
-def _assemble(ruleset: RuleSet, positions: dict, path: Path, base: Path, stack: tuple[Path, ...]) -> RuleSet:
+def _assemble(
+    ruleset: RuleSet, positions: dict, path: Path, base: Path, stack: tuple[Path, ...], within: Within
+) -> RuleSet:
     """Resolve a validated file's includes and give its rules their ids and origins."""
     where = str(path)
 
     parts: list[tuple[RuleSet, str]] = []
     for entry in ruleset.include:
         name, when = (entry, None) if isinstance(entry, str) else (entry.path, entry.when)
-        fragment = _resolve(_include_path(base, name, str(path)), stack)
+        fragment = _resolve(_include_path(base, name, str(path)), stack, within)
         if when is not None:
             fragment = _only_when(fragment, when)
         parts.append((fragment, str(base / name)))

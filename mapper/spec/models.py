@@ -24,6 +24,7 @@ fails when the file is stale. A rule file looks like::
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal, Union
@@ -47,6 +48,8 @@ from mapper.ops import ALL_OPS, OPS_BY_NAME, Op
 SCHEMA_VERSION = 1
 _SEMVER = r"^\d+\.\d+\.\d+(?:[-+][0-9A-Za-z.-]+)?$"
 _NAME = r"^[a-z0-9][a-z0-9._-]*$"
+MAX_PLACEHOLDER_RANGE = 65_536  # values of one integer placeholder (layers, TP ranks)
+MAX_PLACEHOLDER_COMBINATIONS = 2**20  # of all integer placeholders together
 
 
 class Parameter(BaseModel):
@@ -271,8 +274,27 @@ class RuleSet(BaseModel):
         return values
 
     def ranges(self, parameters: Mapping[str, int]) -> dict[str, int]:
-        """Size of each integer placeholder's range under these parameter values."""
-        return {name: parse(str(spec)).evaluate(parameters) for name, spec in self.ranged.items()}
+        """Size of each integer placeholder's range under these parameter values.
+
+        Compile enumerates ranges (every layer and rank must be present), so they are capped:
+        each at :data:`MAX_PLACEHOLDER_RANGE` values, all together at
+        :data:`MAX_PLACEHOLDER_COMBINATIONS` (a NeoX model has a few hundred layers, TP <= 64)."""
+        ranges = {name: parse(str(spec)).evaluate(parameters) for name, spec in self.ranged.items()}
+        for name, size in ranges.items():
+            if not 0 <= size <= MAX_PLACEHOLDER_RANGE:
+                raise RuleFileError(
+                    f"rule set {self.name!r}: placeholder {name!r} ranges over {size} values "
+                    f"({self.placeholders[name]} with {dict(parameters)}); the limit is 0 to {MAX_PLACEHOLDER_RANGE}",
+                    hint="check the parameter values (the model config) and the placeholder's range",
+                )
+        if math.prod(ranges.values()) > MAX_PLACEHOLDER_COMBINATIONS:
+            described = " x ".join(f"{name}: {size}" for name, size in ranges.items())
+            raise RuleFileError(
+                f"rule set {self.name!r}: the integer placeholders span {math.prod(ranges.values())} combinations "
+                f"({described}); the limit is {MAX_PLACEHOLDER_COMBINATIONS}",
+                hint="check the parameter values (the model config) and the placeholders' ranges",
+            )
+        return ranges
 
     # --- inversion -----------------------------------------------------------------------
     def invert(self) -> RuleSet:

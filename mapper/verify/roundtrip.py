@@ -3,10 +3,18 @@
 The round trip is the proof that nothing was lost or invented: every source tensor comes back
 with the same dtype, shape and bytes. Lossy rules (drops of FP8 metadata, summed biases...)
 are listed with what the sidecar restored, so "exact" is never an accident of defaults.
+
+Both conversions are written into a work folder ``mapper-roundtrip-<host>-<pid>-*`` in the
+temporary folder (``$TMPDIR``), removed on the way out, interrupts included
+(:mod:`mapper.interrupts`); one left by a killed run (its pid dead) is removed by the next round
+trip.
 """
 
 from __future__ import annotations
 
+import os
+import re
+import shutil
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -15,7 +23,28 @@ from typing import Any
 
 from mapper.checkpoints import convert_checkpoint
 from mapper.formats import NeoXCheckpoint
+from mapper.formats.output import HOST, pid_alive
 from mapper.verify.diff import DiffReport, diff_sources
+
+
+WORK_PREFIX = "mapper-roundtrip-"
+
+
+def sweep_stale_work_folders(parent: Path) -> list[Path]:
+    """Remove the work folders of round trips of this host whose process is gone (killed)."""
+    pattern = re.compile(rf"^{re.escape(WORK_PREFIX)}{re.escape(HOST)}-(?P<pid>\d+)-")
+    removed = []
+    try:
+        entries = list(parent.iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        match = pattern.match(entry.name)
+        if match and int(match["pid"]) != os.getpid() and not pid_alive(int(match["pid"])):
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+                removed.append(entry)
+    return removed
 
 
 @dataclass
@@ -46,7 +75,9 @@ def roundtrip(
 
     ``on_start(nbytes)`` is called once per direction, ``on_group`` after every file (progress).
     """
-    with tempfile.TemporaryDirectory(prefix="mapper-roundtrip-", dir=workdir) as tmp:
+    parent = Path(workdir) if workdir is not None else Path(tempfile.gettempdir())
+    sweep_stale_work_folders(parent)
+    with tempfile.TemporaryDirectory(prefix=f"{WORK_PREFIX}{HOST}-{os.getpid()}-", dir=parent) as tmp:
         forward = convert_checkpoint(src, Path(tmp) / "hf", rules=rules, config_files=config_files,
                                      parameters=parameters, on_start=on_start, on_group=on_group)
         assert forward.output is not None

@@ -99,7 +99,7 @@ def test_an_abandoned_writer_removes_its_staging_folder(tmp_path: Path) -> None:
     writer.write_group(0, {k: TENSORS[k] for k in groups[0]})
     assert len(list(tmp_path.iterdir())) == 1
     del writer  # the background thread may still finish the group it holds, then lets go
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 120  # a guard against a hang (collection is prompt)
     while list(tmp_path.iterdir()) and time.monotonic() < deadline:
         gc.collect()
         time.sleep(0.01)
@@ -191,7 +191,7 @@ def test_the_background_writer_writes_two_files_at_once_and_no_more() -> None:
             with self.lock:
                 self.running.add(index)
                 self.most = max(self.most, len(self.running))
-            assert self.release.wait(timeout=10)
+            assert self.release.wait(timeout=120)
             with self.lock:
                 self.running.discard(index)
                 self.done.append(index)
@@ -202,14 +202,14 @@ def test_the_background_writer_writes_two_files_at_once_and_no_more() -> None:
     worker.submit(1, {})
     third = threading.Thread(target=worker.submit, args=(2, {}))
     third.start()
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 120  # a guard against a hang (the threads start at once)
     while files.running != {0, 1} and time.monotonic() < deadline:
         time.sleep(0.01)
     assert files.running == {0, 1}  # both files are being written at once
     third.join(timeout=0.2)
     assert third.is_alive()  # and the caller is held back until one is done
     files.release.set()
-    third.join(timeout=10)
+    third.join(timeout=120)
     worker.close()
     assert sorted(files.done) == [0, 1, 2] and files.most == 2
 

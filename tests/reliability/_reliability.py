@@ -77,7 +77,7 @@ def run_cli(args: Sequence[str | Path]) -> Outcome:
 
 
 def run_cli_subprocess(
-    args: Sequence[str | Path], *, env: dict[str, str] | None = None, timeout: float = 120
+    args: Sequence[str | Path], *, env: dict[str, str] | None = None, timeout: float = 300
 ) -> Outcome:
     """``mapper ARGS`` as a separate process (for what only a real process shows)."""
     completed = subprocess.run(
