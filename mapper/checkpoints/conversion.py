@@ -225,11 +225,7 @@ def _from_hf(source: HFCheckpoint, opts: ConversionOptions) -> Prepared:
 def _reshard(reader: Source, forward: RuleSet, model: NeoXModelConfig, raw: Mapping[str, Any],
              parameters: dict[str, int], opts: ConversionOptions, detection: Detection | None, notes: list[str],
              warnings: list[str], layout: str) -> Prepared:
-    """NeoX -> NeoX: the rule set merges the ranks, its inverse shards them again at ``--tp``.
-
-    NeoX pads the vocabulary to a multiple of make-vocab-size-divisible-by x TP, so the embedding
-    and output layer are cut to the rows both degrees share and padded with zeros to the new
-    degree's size (TP m -> n -> m gives every row back)."""
+    """NeoX -> NeoX: the rule set merges the ranks, its inverse shards them again at ``--tp``."""
     out_tp = opts.tp or model.tp
     if out_tp == model.tp:  # a layout change: every tensor passes through as it is
         plan = identity_plan(reader.manifest(), forward, model.rule_parameters())
@@ -238,22 +234,11 @@ def _reshard(reader: Source, forward: RuleSet, model: NeoXModelConfig, raw: Mapp
             neox_yaml=neox_yaml_for(model, raw, tp=out_tp), layout=layout, detection=detection,
             notes=notes + ["same TP degree: every tensor is written as it is (layout change only)"], warnings=warnings,
         )
-    tokens = model.orig_vocab_size or model.vocab_size
-    out_vocab = pad_vocab_size(tokens, model.make_vocab_size_divisible_by, out_tp)
     try:
-        out_model = validated({**model.model_dump(), "tp": out_tp, "vocab_size": out_vocab}, where="--tp")
+        out_model, trim = _vocabulary_at(model, out_tp, reader, raw, opts, notes, warnings)
     except MapperError as error:
         raise MapperError(f"cannot re-shard to TP {out_tp}: {error.message}", where="--tp",
                           hint="choose a TP degree that divides the attention heads and key/value heads") from None
-    keep = min(model.vocab_size, out_vocab)
-    if out_vocab < model.vocab_size:
-        warnings.append(f"the vocabulary is padded to {out_vocab} rows at TP {out_tp} (was {model.vocab_size}): rows "
-                        f"{out_vocab}..{model.vocab_size - 1} are padding NeoX never feeds or predicts, and are cut")
-    if model.orig_vocab_size is None:
-        warnings.append(f"the tokenizer's vocabulary size is unknown: NeoX at TP {out_tp} pads its own count to a "
-                        f"multiple of {model.make_vocab_size_divisible_by * out_tp}; {out_vocab} rows were written "
-                        "(give the tokenizer, or --set vocab-size=N, if NeoX disagrees when it loads)")
-    trim = keep if keep != model.vocab_size or out_vocab != model.vocab_size else 0
     merged = compile_plan(forward, reader.manifest(), {**parameters, "trim_vocab": trim})
     inverse = forward.invert()
     sharded = compile_plan(inverse, merged.target_manifest,
@@ -268,6 +253,41 @@ def _reshard(reader: Source, forward: RuleSet, model: NeoXModelConfig, raw: Mapp
         neox_yaml=neox_yaml_for(out_model, raw, tp=out_tp), layout=layout, detection=detection, notes=notes,
         warnings=warnings,
     )
+
+
+def _vocabulary_at(model: NeoXModelConfig, out_tp: int, reader: Source, raw: Mapping[str, Any],
+                   opts: ConversionOptions, notes: list[str], warnings: list[str]) -> tuple[NeoXModelConfig, int]:
+    """The model at ``out_tp`` and the rows both degrees keep (0: all).
+
+    NeoX pads the vocabulary to a multiple of make-vocab-size-divisible-by x TP. Keeping that product
+    keeps every row: TP 2 with 8 becomes TP 1 with 16 (same padded size, so m -> n -> m is exact
+    and NeoX loads it). Where the product does not divide by the new degree, the rows are cut to
+    what both degrees share and padded with zeros to what NeoX computes from its tokenizer's count.
+    """
+    product = model.make_vocab_size_divisible_by * model.tp
+    if product % out_tp == 0:
+        divisible_by = product // out_tp
+        if divisible_by != model.make_vocab_size_divisible_by:
+            notes.append(f"make-vocab-size-divisible-by {model.make_vocab_size_divisible_by} -> {divisible_by}: NeoX "
+                         f"pads the vocabulary to a multiple of it x TP, so the {model.vocab_size} rows stay as they are")
+        out = validated({**model.model_dump(), "tp": out_tp, "make_vocab_size_divisible_by": divisible_by}, where="--tp")
+        return out, 0
+    tokens = model.orig_vocab_size
+    if tokens is None:  # NeoX pads what its tokenizer counts: ask the tokenizer the config names
+        root = getattr(reader, "root", None)
+        if root is not None:
+            tokens = plan_tokenizer(raw, root, override=opts.tokenizer, config_files=opts.config_files).neox_vocab_size
+    if tokens is None:
+        tokens = model.vocab_size
+        warnings.append(f"the tokenizer's vocabulary size is unknown: NeoX at TP {out_tp} pads its own count to a "
+                        f"multiple of {model.make_vocab_size_divisible_by * out_tp}; "
+                        "give the tokenizer (--tokenizer) or --set vocab-size=N if NeoX disagrees when it loads")
+    out_vocab = pad_vocab_size(tokens, model.make_vocab_size_divisible_by, out_tp)
+    out = validated({**model.model_dump(), "tp": out_tp, "vocab_size": out_vocab}, where="--tp")
+    if out_vocab < model.vocab_size:
+        warnings.append(f"the vocabulary is padded to {out_vocab} rows at TP {out_tp} (was {model.vocab_size}): rows "
+                        f"{out_vocab}..{model.vocab_size - 1} are padding NeoX never feeds or predicts, and are cut")
+    return out, min(model.vocab_size, out_vocab) if out_vocab != model.vocab_size else 0
 
 
 def _dropped_notes(plan: Plan) -> list[str]:

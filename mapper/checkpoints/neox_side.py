@@ -115,6 +115,8 @@ def neox_yaml_for(model: NeoXModelConfig, raw: Mapping[str, Any], *, tp: int) ->
     model_keys = {k for _, marker in model_settings(NeoXModelConfig) for k in (marker.key, *marker.also)}
     model_keys |= {"precision", "fp16", "bf16", "vocab_size"}  # written by to_neox_yaml, or mapper 0.1's
     others = {key.replace("_", "-"): value for key, value in raw.items() if key.replace("-", "_") not in model_keys}
+    if others.get("rotary-save-freqs-buffer"):  # mapper recomputes, never carries, the rotary buffer
+        others["rotary-save-freqs-buffer"] = False
     return {**written, **others}
 
 

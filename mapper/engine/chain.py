@@ -23,6 +23,12 @@ def chain_plans(first: Plan, second: Plan) -> Plan:
     for plan in (first, second):
         for node in plan.nodes:
             node.parameters, node.ranges = plan.parameters, plan.ranges
+    # values are told apart by id while executing: each compile numbered its own from 0
+    taken = max([v.id for v in first.sources.values()] + [v.id for n in first.nodes for v in n.outputs], default=-1)
+    for node in second.nodes:
+        for value in node.outputs:
+            taken += 1
+            value.id = taken
     for key, value in second.sources.items():
         upstream = first.targets[key]
         consumer = value.consumer

@@ -129,3 +129,24 @@ def test_legacy_names_convert_and_verify_against_gpt_neox(tmp_path: Path, varian
     hf = mapper.convert_checkpoint(neox, tmp_path / "hf").output
     report = verify_against_reference(gpt_neox_dump(tmp_path, neox, LEGACY), hf)
     assert report.ok, report.render()
+
+
+@needs_current
+@pytest.mark.parametrize(("variant", "to_tp", "layout"), [("neox-parallel", 1, "pipeline"), ("llama-new", 1, "sequential"),
+                                                         ("neox-new", 4, "pipeline")])
+def test_a_resharded_checkpoint_loads_in_gpt_neox_and_computes_the_same(
+    tmp_path: Path, variant: str, to_tp: int, layout: str
+) -> None:
+    """`mapper convert --to neox --tp N`: gpt-neox itself loads the output (its configs, its TP degree,
+    its layout; finetune-style, no optimizer state) and computes what the source computed."""
+    source, config, _ = neox_checkpoint(tmp_path / "source", variant, 2)
+    heads = config.num_heads
+    if heads % to_tp:
+        pytest.skip(f"{heads} heads do not split over {to_tp} ranks")
+    out = mapper.convert_checkpoint(source, tmp_path / "resharded", to="neox", tp=to_tp, layout=layout).output
+    before = ReferenceDump(gpt_neox_dump(tmp_path / "source", source, CURRENT))
+    after = ReferenceDump(gpt_neox_dump(tmp_path / "resharded", out, CURRENT))
+    assert after.metadata["tp"] == str(to_tp)
+    for name in ["embeddings", *(f"blocks.{i}" for i in range(config.num_layers)), "final_norm", "logits"]:
+        point = judge(name, before.get(name), after.get(name), atol=1e-5, rtol=1e-4)
+        assert point.ok, (name, point.why())
