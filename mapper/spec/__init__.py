@@ -6,6 +6,7 @@ from pathlib import Path
 
 from mapper.errors import RuleFileError
 from mapper.resources import rules_dir
+from mapper.spec.compose import BUILTIN
 from mapper.spec.loader import dump_rule_set, load_rule_file, load_rule_text
 from mapper.spec.models import RuleSet
 
@@ -16,7 +17,11 @@ def builtin_rule_files() -> dict[str, Path]:
 
 
 def load_rules(name_or_path: str | Path) -> RuleSet:
-    """A shipped rule set by name, or a rule file by path; includes resolved, checked."""
+    """A shipped rule set by name, or a rule file by path; includes resolved, checked.
+
+    ``builtin:NAME`` names a shipped rule set or fragment as an `include` does."""
+    if str(name_or_path).startswith(BUILTIN):
+        return load_rule_file(str(name_or_path))
     path = Path(name_or_path)
     if path.suffix in {".yaml", ".yml", ".json"} or path.exists():
         return load_rule_file(path)
