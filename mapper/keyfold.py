@@ -22,8 +22,8 @@ def fold_keys(keys: Sequence[str]) -> list[tuple[str, list[str]]]:
         by_shape.setdefault(_NUMBER.sub("*", key), []).append(key)
     members = [(_SEPARATORS.split(_numbers_that_vary(found)), found) for found in by_shape.values()]
     order = {key: index for index, key in enumerate(keys)}
-    folded = [("".join(tokens), found) for tokens, found in _fold(members)]
-    return sorted(folded, key=lambda group: min(order[k] for k in group[1]))
+    folded = [("".join(tokens), sorted(found, key=order.__getitem__)) for tokens, found in _fold(members)]
+    return sorted(folded, key=lambda group: order[group[1][0]])
 
 
 def _numbers_that_vary(keys: Sequence[str]) -> str:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from mapper.errors import MapperError
 from mapper.spec import builtin_rule_files, load_rule_file
-from mapper.spec.compose import BUILTIN, builtin_reference
+from mapper.spec.compose import BUILTIN, builtin_path, builtin_reference
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
 
@@ -64,6 +64,8 @@ def _base_file(base: str) -> Path:
     name = base.removeprefix(BUILTIN)
     if name in shipped:
         return shipped[name]
+    if base.startswith(BUILTIN):  # a shipped fragment (refused as a base), or a did-you-mean
+        return builtin_path(base, "--from")
     path = Path(base)
     if path.is_file():
         return path

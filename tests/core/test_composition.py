@@ -76,7 +76,7 @@ def test_an_included_rule_is_excluded_by_id_or_by_its_fragment(tmp_path):
     assert "gpt-neox-names-attention-te#0" not in ids and "gpt-neox-names-attention-te#1" in ids
     (override,) = one.overrides
     assert override.rule == "gpt-neox-names-attention-te#0" and override.replacements == ()
-    assert "names-attention-te.yaml:10" in override.origin and override.by.endswith("mine.yaml:6:11")
+    assert "names-attention-te.yaml:11" in override.origin and override.by.endswith("mine.yaml:6:11")
     whole = load_rule_file(write(tmp_path, base + "exclude: [gpt-neox-names-attention-te]\n"))
     assert not [op for op in whole.ops if op.id.startswith("gpt-neox-names-attention-te#")]
     assert any(op.id == "extra-state-te-mha#0" for op in whole.ops)  # what the fragment includes stays
@@ -223,10 +223,17 @@ def test_a_rule_that_needs_keys_a_later_rule_makes_says_so_and_replace_is_the_fi
     with pytest.raises(CompileError) as caught:
         mapper.compile(load_rule_file(write(tmp_path, late)), tensors, parameters)
     (problem,) = caught.value.problems  # the TP scaling of the projection ran before the rename made its key
-    assert problem.rule == "gpt-neox-te-row-parallel-outputs#0" and "te-row-parallel-outputs.yaml:12" in problem.origin
+    assert problem.rule == "gpt-neox-te-row-parallel-outputs#0" and "te-row-parallel-outputs.yaml:13" in problem.origin
     assert "rules run in order, and rule mine#0 at" in problem.message and "mine.yaml:8" in problem.message
     assert "produces such keys later" in problem.message
     assert "both run in stage ranks, where rules run in file order (includes first)" in problem.hint and "replace" in problem.hint
     in_place = HEADER + "include: [builtin:neox-to-hf-gpt-neox]\nreplace:\n  gpt-neox-names-attention-te#1:\n" + "  " + proj
     plan = mapper.compile(load_rule_file(write(tmp_path, in_place)), tensors, parameters)
     assert plan.rules_for(["gpt_neox.layers.0.attention.dense.weight"])[:2] == ["mine#0", "gpt-neox-te-row-parallel-outputs#0"]
+
+
+def test_the_catalog_of_config_parameters_is_what_the_config_supplies():
+    from mapper.spec.parameters import CONFIG_PARAMETERS
+    from mapper.testing import tiny_config
+
+    assert set(CONFIG_PARAMETERS) == set(tiny_config("te-full").rule_parameters()) | {"trim_vocab"}
