@@ -303,15 +303,16 @@ def plan(
     if as_json:
         _print_json({**summary, "tensors": the_plan.rows()})
         return
-    table = _table(f"{ready.forward_rules.name} {ready.forward_rules.version} ({ready.direction})",
-                   "source", "ops [rule]", "target", "shape")
-    for row in the_plan.rows():
-        steps = " -> ".join(f"{step['op']} [{step['rule']}" + (f", replaces {step['replaces']}" if step["replaces"] else "")
-                            + "]" for step in row["steps"])
-        table.add_row(escape(row["sources"]), escape(steps or "(unchanged)"), escape(row["target"]), row["meta"])
-    out.print(table)
-    for override in the_plan.ruleset.overrides:
-        out.print(f"override: {escape(override.describe())}")
+    if not STATE.quiet:  # -q: the summary line only
+        table = _table(f"{ready.forward_rules.name} {ready.forward_rules.version} ({ready.direction})",
+                       "source", "ops [rule]", "target", "shape")
+        for row in the_plan.rows():
+            steps = " -> ".join(f"{step['op']} [{step['rule']}" + (f", replaces {step['replaces']}" if step["replaces"] else "")
+                                + "]" for step in row["steps"])
+            table.add_row(escape(row["sources"]), escape(steps or "(unchanged)"), escape(row["target"]), row["meta"])
+        out.print(table)
+        for override in the_plan.ruleset.overrides:
+            out.print(f"override: {escape(override.describe())}")
     _notes(ready.notes, as_json=False, warnings=ready.warnings)
     out.print(
         f"{summary['source_tensors']} source tensors ({summary['source_bytes'] / 1e6:.1f} MB) -> "

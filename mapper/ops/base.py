@@ -77,7 +77,8 @@ class Op(BaseModel):
         None,
         description="When the rule runs: `ranks` (per TP rank, keys `...@rank{r}`), `merge` (joining the "
         "ranks) or `model` (whole tensors); rules run stage by stage, in file order within a stage. "
-        "Default: the file's `stage`, else what the rule's keys show.",
+        "Default: what its `@rank` keys show (both sides: ranks, one side: merge), else the file's `stage`, "
+        "else model; a stated stage the keys contradict is an error.",
     )
 
     def active(self, parameters: Mapping[str, int]) -> bool:

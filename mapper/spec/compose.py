@@ -7,8 +7,8 @@ A rule set holds only what differs from the parts it includes:
 - ``exclude: [ID]`` drops an included rule, ``replace: {ID: [rules]}`` puts other rules in its place
   (its position, stage and ``when``); a fragment's name stands for every rule it wrote;
 - every rule has a **stage**: ``ranks`` (per TP rank, keys ``...@rank{r}``), ``merge`` (joining the
-  ranks) or ``model`` (whole tensors): its own ``stage``, else its file's, else what its keys show
-  (a stated stage its keys contradict is an error). A file that includes others runs stage by
+  ranks) or ``model`` (whole tensors): its own ``stage`` (one its keys contradict is an error), else
+  the one its ``@rank`` keys show, else (no ``@rank`` key) its file's ``stage``, else ``model``. A file that includes others runs stage by
   stage: its included rules and its own interleave by stage (each included file's rules in their
   order, then the file's own rules sorted by stage), so a rule set's own per-rank rules run
   before the shipped TP merge wherever they are written. A file that includes nothing runs its
@@ -22,7 +22,7 @@ import difflib
 import json
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -138,83 +138,20 @@ def compose(ruleset: RuleSet, path: Path, locate: Locate, line_of: Callable[...,
     where = str(path)
     problems: list[FileProblem] = []
     own, origins, authors = _own_rules(ruleset, where, locate, line_of, problems)
-
-    included: list[Op] = []
     overrides: list[Override] = []
     for part in parts:
-        included.extend(part.rules.ops)  # (kept per part too, for the stage order)
-        origins.update(part.rules._origins)
-        authors.update(part.rules._authors)
-        overrides.extend(part.rules.overrides)
-    included_ids = {op.id for op in included}
-    if included_ids & own.ids:
-        for rule_id in sorted(included_ids & own.ids):
+        for rule_id in sorted(set(part.rules._origins) & own.ids):
             problems.append(FileProblem(
                 origins[rule_id].split(" (")[0], f"rule id {rule_id!r} is already the id of an included rule",
                 hint="give the rule another `id` (to put a rule in an included rule's place, use `replace`)",
             ))
+        origins.update(part.rules._origins)
+        authors.update(part.rules._authors)
+        overrides.extend(part.rules.overrides)
 
-    removed: dict[str, str] = {}  # included rule id -> the entry (file:line) that removed it
-    spliced: dict[str, list[Op]] = {}  # included rule id -> the rules that run in its place
-    for index, name in enumerate(ruleset.exclude):
-        for rule_id in _targets(name, included, authors, locate("exclude", index), problems, removed):
-            removed[rule_id] = locate("exclude", index)
-            overrides.append(Override(rule_id, origins.get(rule_id, ""), removed[rule_id]))
-    by_id = {op.id: op for op in included}
-    for name in ruleset.replace:
-        entry = locate("replace", name)
-        targets = _targets(name, included, authors, entry, problems, removed)
-        if not targets:
-            continue
-        first = by_id[targets[0]]
-        replacements = []
-        for op in own.pop_replacements(name):
-            stage = op.stage or first.stage or keys_stage(first)
-            if op.stage is not None and op.stage != (first.stage or keys_stage(first)):
-                problems.append(FileProblem(
-                    origins[op.id].split(" (")[0],
-                    f"rule {op.id} says stage {op.stage}, but it replaces {first.id}, which runs in stage {stage}",
-                    hint="a replacement runs where the rule it replaces ran; drop its `stage`, or `exclude` the "
-                    "rule and add yours under `rules`",
-                ))
-            when = f"({first.when}) and ({op.when})" if first.when and op.when else first.when or op.when
-            replacements.append(op.model_copy(update={"stage": stage, "when": when}))
-        for rule_id in targets:
-            removed[rule_id] = entry
-        spliced[targets[0]] = replacements
-        overrides.append(Override(targets[0], origins.get(targets[0], ""), entry, tuple(op.id or "" for op in replacements)))
-        overrides.extend(Override(t, origins.get(t, ""), entry, ()) for t in targets[1:])
-
-    sequences: list[list[Op]] = []
-    for part in parts:
-        sequence: list[Op] = []
-        for op in part.rules.ops:
-            sequence.extend(spliced.get(op.id or "", []))
-            if op.id not in removed:
-                sequence.append(op)
-        sequences.append(sequence)
-    sequences.append(own.in_rules())
-
-    parameters = dict(ruleset.parameters)
-    placeholders = dict(ruleset.placeholders)
-    defined: dict[tuple[str, str], str] = {}
-    header = {"source": ruleset.source, "target": ruleset.target, "variant": ruleset.variant}
-    for part in parts:
-        _merge(parameters, part.rules.parameters, "parameter", part.label, where, defined, problems)
-        _merge(placeholders, part.rules.placeholders, "placeholder", part.label, where, defined, problems)
-        if part.rules.kind != "fragment":
-            _inherit(header, part, problems)
-    if ruleset.kind != "fragment":
-        missing = [field for field in ("source", "target") if not header[field]]
-        if missing:
-            problems.append(FileProblem(
-                locate(), f"a rule set needs {', '.join(missing)}",
-                hint="say it in the header, include a rule set that says it (e.g. builtin:neox-to-hf-gpt-neox), "
-                "or set kind: fragment",
-            ))
-        if ruleset.version is None:
-            problems.append(FileProblem(locate(), "a rule set needs version (e.g. version: 0.1.0)",
-                                        hint="or set kind: fragment"))
+    sequences = _overridden(ruleset, parts, own, origins, authors, locate, overrides, problems)
+    sequences.append(own.rules)
+    parameters, placeholders, header = _definitions(ruleset, parts, where, locate, problems)
     if problems:
         raise RuleFileError.listing(problems, where=where)
 
@@ -240,22 +177,91 @@ def compose(ruleset: RuleSet, path: Path, locate: Locate, line_of: Callable[...,
     return flat
 
 
-class _OwnRules:
-    """A file's own rules (under ``rules`` and ``replace``), with ids and stages."""
+def _overridden(
+    ruleset: RuleSet, parts: list[Part], own: _OwnRules, origins: Mapping[str, str], authors: Mapping[str, str],
+    locate: Locate, overrides: list[Override], problems: list[FileProblem],
+) -> list[list[Op]]:
+    """Each part's rules with this file's `exclude` and `replace` applied (recorded in ``overrides``)."""
+    included = [op for part in parts for op in part.rules.ops]
+    by_id = {op.id: op for op in included}
+    removed: dict[str, str] = {}  # included rule id -> the entry (file:line) that removed it
+    spliced: dict[str, list[Op]] = {}  # included rule id -> the rules that run in its place
+    for index, name in enumerate(ruleset.exclude):
+        entry = locate("exclude", index)
+        for rule_id in _targets(name, included, authors, entry, problems, removed):
+            removed[rule_id] = entry
+            overrides.append(Override(rule_id, origins.get(rule_id, ""), entry))
+    for name in ruleset.replace:
+        entry = locate("replace", name)
+        targets = _targets(name, included, authors, entry, problems, removed)
+        if not targets:
+            continue
+        first = by_id[targets[0]]
+        its_stage = first.stage or keys_stage(first)
+        replacements = []
+        for op in own.replacing.get(name, []):
+            if op.stage is not None and op.stage != its_stage:
+                problems.append(FileProblem(
+                    origins[op.id or ""].split(" (")[0],
+                    f"rule {op.id} says stage {op.stage}, but it replaces {first.id}, which runs in stage {its_stage}",
+                    hint="a replacement runs where the rule it replaces ran; drop its `stage`, or `exclude` the "
+                    "rule and add yours under `rules`",
+                ))
+            when = f"({first.when}) and ({op.when})" if first.when and op.when else first.when or op.when
+            replacements.append(op.model_copy(update={"stage": its_stage, "when": when}))
+        removed.update((rule_id, entry) for rule_id in targets)
+        spliced[targets[0]] = replacements
+        overrides.append(Override(targets[0], origins.get(targets[0], ""), entry, tuple(op.id or "" for op in replacements)))
+        overrides.extend(Override(t, origins.get(t, ""), entry) for t in targets[1:])
 
-    def __init__(self) -> None:
-        self.rules: list[Op] = []
-        self.replacing: dict[str, list[Op]] = {}
+    sequences = []
+    for part in parts:
+        sequence: list[Op] = []
+        for op in part.rules.ops:
+            sequence.extend(spliced.get(op.id or "", []))
+            if op.id not in removed:
+                sequence.append(op)
+        sequences.append(sequence)
+    return sequences
+
+
+def _definitions(
+    ruleset: RuleSet, parts: list[Part], where: str, locate: Locate, problems: list[FileProblem],
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """Parameters and placeholders of the file and its parts; the header it takes from an included rule set."""
+    parameters = dict(ruleset.parameters)
+    placeholders = dict(ruleset.placeholders)
+    defined: dict[tuple[str, str], str] = {}
+    header = {"source": ruleset.source, "target": ruleset.target, "variant": ruleset.variant}
+    for part in parts:
+        _merge(parameters, part.rules.parameters, "parameter", part.label, where, defined, problems)
+        _merge(placeholders, part.rules.placeholders, "placeholder", part.label, where, defined, problems)
+        if part.rules.kind != "fragment":
+            _inherit(header, part, problems)
+    if ruleset.kind != "fragment":
+        missing = [name for name in ("source", "target") if not header[name]]
+        if missing:
+            problems.append(FileProblem(
+                locate(), f"a rule set needs {', '.join(missing)}",
+                hint="say it in the header, include a rule set that says it (e.g. builtin:neox-to-hf-gpt-neox), "
+                "or set kind: fragment",
+            ))
+        if ruleset.version is None:
+            problems.append(FileProblem(locate(), "a rule set needs version (e.g. version: 0.1.0)",
+                                        hint="or set kind: fragment"))
+    return parameters, placeholders, header
+
+
+@dataclass
+class _OwnRules:
+    """A file's own rules, with ids and stages: under ``rules``, and under ``replace`` by entry."""
+
+    rules: list[Op] = field(default_factory=list)
+    replacing: dict[str, list[Op]] = field(default_factory=dict)
 
     @property
     def ids(self) -> set[str | None]:
         return {op.id for op in self.rules} | {op.id for ops in self.replacing.values() for op in ops}
-
-    def pop_replacements(self, name: str) -> list[Op]:
-        return self.replacing.pop(name, [])
-
-    def in_rules(self) -> list[Op]:
-        return list(self.rules)
 
 
 def _own_rules(
@@ -286,13 +292,13 @@ def _own_rules(
         if at[0] == "replace":
             own.replacing.setdefault(at[1], []).append(op.model_copy(update={"id": rule_id}))
             continue
-        stage = op.stage or ruleset.stage or keys_stage(op)
-        problem = stage_problem(op, stage)
-        if problem and (op.stage or ruleset.stage):
-            said = "its `stage`" if op.stage else f"the file's `stage: {ruleset.stage}`"
+        shown = keys_stage(op)
+        stage = op.stage or (shown if shown != "model" else ruleset.stage or shown)
+        problem = stage_problem(op, stage) if op.stage else None
+        if problem:
             problems.append(FileProblem(
                 locate(*at), f"rule {rule_id} ({op.name}) {problem}",
-                hint=f"fix {said}, or leave the stage out: a rule's keys show where it runs",
+                hint="fix its `stage`, or leave it out: a rule's `@rank` keys show where it runs",
             ))
         own.rules.append(op.model_copy(update={"id": rule_id, "stage": stage}))
     return own, origins, authors
@@ -332,15 +338,15 @@ def _nearest_ids(name: str, known: list[str]) -> list[str]:
 
 def _inherit(header: dict[str, Any], part: Part, problems: list[FileProblem]) -> None:
     """Take an included rule set's source, target and variant where this file gives none."""
-    for field in ("source", "target"):
-        theirs = getattr(part.rules, field)
-        if header[field] is None:
-            header[field] = theirs
-        elif theirs is not None and header[field] != theirs:
+    for name in ("source", "target"):
+        theirs = getattr(part.rules, name)
+        if header[name] is None:
+            header[name] = theirs
+        elif theirs is not None and header[name] != theirs:
             problems.append(FileProblem(
                 part.where, f"includes rule set {part.rules.name}, which converts {part.rules.source} -> "
-                f"{part.rules.target}, but this file says {field}: {header[field]}",
-                hint=f"leave `{field}` out to take the included rule set's, or include a fragment instead",
+                f"{part.rules.target}, but this file says {name}: {header[name]}",
+                hint=f"leave `{name}` out to take the included rule set's, or include a fragment instead",
             ))
     if not header["variant"]:
         header["variant"] = dict(part.rules.variant)

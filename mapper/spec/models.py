@@ -204,8 +204,8 @@ class RuleSet(BaseModel):
         "holds. A rule set that includes a rule set takes its source, target and variant unless it says its own.",
     )
     stage: Stage | None = Field(
-        None, description="Default `stage` of this file's own rules (shipped fragments: names per rank `ranks`, "
-        "the TP merge `merge`, the vocabulary `model`).",
+        None, description="The stage of this file's own rules whose keys have no `@rank` to show theirs "
+        "(shipped fragments say theirs: names per rank `ranks`, the TP merge `merge`, the vocabulary `model`).",
     )
     exclude: list[str] = Field(
         default_factory=list,
@@ -218,8 +218,9 @@ class RuleSet(BaseModel):
         "its place, in its stage and under its `when`.",
     )
     rules: list[Rule] = Field(
-        default_factory=list, description="This file's own rules, each one op; they run stage by stage "
-        "(ranks, merge, model) with the included rules, after them within a stage.",
+        default_factory=list, description="This file's own rules, each one op. With includes, they run stage "
+        "by stage (ranks, merge, model) with the included rules, after them within a stage; a file that "
+        "includes nothing runs them in the order written.",
     )
 
     _origins: dict[str, str] = PrivateAttr(default_factory=dict)  # rule id -> "file:line (rule n, op)"

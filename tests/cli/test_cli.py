@@ -221,6 +221,8 @@ def test_plan_rows_name_the_rule_of_each_step_and_what_it_replaces(te_checkpoint
     code, out, _ = run(capsys, "plan", str(te_checkpoint), "--rules", str(mine))
     flat = " ".join(out.replace("│", " ").split())
     assert code == 0 and "replaces gpt-neox-names-attention-te#1" in flat and "override: gpt-neox-names-attention-te#1" in flat
+    code, out, _ = run(capsys, "plan", str(te_checkpoint), "--rules", str(mine), "-q")
+    assert code == 0 and len(out.splitlines()) == 1 and "peak memory" in out
 
 
 def test_roundtrip_and_diff_print_one_row_per_pattern_and_quiet_prints_the_verdict(te_checkpoint, tmp_path, capsys):

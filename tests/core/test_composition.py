@@ -237,3 +237,20 @@ def test_the_catalog_of_config_parameters_is_what_the_config_supplies():
     from mapper.testing import tiny_config
 
     assert set(CONFIG_PARAMETERS) == set(tiny_config("te-full").rule_parameters()) | {"trim_vocab"}
+
+
+def test_a_replacement_in_another_stage_or_an_id_taken_by_an_included_rule_is_refused(tmp_path):
+    text = HEADER + (
+        "include: [builtin:neox-to-hf-gpt-neox]\n"
+        "replace:\n"
+        "  gpt-neox-vocab#0:\n"
+        '    - slice: {from: gpt_neox.embed_in.weight, keep: trim_vocab, total: vocab_size, stage: merge}\n'
+        "rules:\n"
+        '  - rename: {from: "a@rank{r}", to: "b@rank{r}", id: gpt-neox-tp-merge#0}\n'
+    )
+    with pytest.raises(RuleFileError) as caught:
+        load_rule_file(write(tmp_path, text))
+    message = str(caught.value)
+    assert "2 problems" in message
+    assert "mine.yaml:8: rule mine#0 says stage merge, but it replaces gpt-neox-vocab#0, which runs in stage model" in message
+    assert "mine.yaml:10: rule id 'gpt-neox-tp-merge#0' is already the id of an included rule" in message
