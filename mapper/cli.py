@@ -36,7 +36,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-rules_app = typer.Typer(help="List, show, validate and scaffold rule sets; print the JSON Schema.", no_args_is_help=True)
+rules_app = typer.Typer(help="List, show, validate and scaffold rule sets; the parameters the config supplies; the JSON Schema.", no_args_is_help=True)
 app.add_typer(rules_app, name="rules")
 
 
@@ -297,18 +297,19 @@ def plan(
     max_shard_size: Annotated[str, typer.Option("--max-shard-size")] = "5GB",
     as_json: JsonOpt = False,
 ) -> None:
-    """Dry run from metadata only: source -> ops -> target per tensor, sizes, peak memory."""
+    """Dry run from metadata only: source -> ops -> target per tensor (with the rule ids), sizes, peak memory."""
     from mapper.checkpoints import prepare
+    from mapper.errors import CompileError
 
     try:
         ready = prepare(src, rules=rules, config_files=config or [], tp=tp, trim_vocab=trim_vocab, parameters=_params(param),
                         settings=_settings(set_))
-    except MapperError as error:
-        from mapper.errors import CompileError
-
-        if isinstance(error, CompileError) and not as_json:
+    except CompileError as error:
+        if as_json:
+            _print_json({"ok": False, **error.to_dict()})
+        else:
             _problems_table(error)
-        raise
+        raise _said(error) from None
     the_plan = ready.plan
     shard_size = _size(max_shard_size)
     groups = ready.output_groups(shard_size)
@@ -317,10 +318,16 @@ def plan(
     if as_json:
         _print_json({**summary, "tensors": the_plan.rows()})
         return
-    table = _table(f"{ready.forward_rules.name} {ready.forward_rules.version} ({ready.direction})", "source", "ops", "target", "shape")
-    for row in the_plan.rows():
-        table.add_row(escape(row["sources"]), escape(" -> ".join(row["ops"])), escape(row["target"]), row["meta"])
-    out.print(table)
+    if not STATE.quiet:  # -q: the summary line only
+        table = _table(f"{ready.forward_rules.name} {ready.forward_rules.version} ({ready.direction})",
+                       "source", "ops [rule]", "target", "shape")
+        for row in the_plan.rows():
+            steps = " -> ".join(f"{step['op']} [{step['rule']}" + (f", replaces {step['replaces']}" if step["replaces"] else "")
+                                + "]" for step in row["steps"])
+            table.add_row(escape(row["sources"]), escape(steps or "(unchanged)"), escape(row["target"]), row["meta"])
+        out.print(table)
+        for override in the_plan.ruleset.overrides:
+            out.print(f"override: {escape(override.describe())}")
     _notes(ready.notes, as_json=False, warnings=ready.warnings)
     out.print(
         f"{summary['source_tensors']} source tensors ({summary['source_bytes'] / 1e6:.1f} MB) -> "
@@ -330,10 +337,25 @@ def plan(
 
 
 def _problems_table(error: Any) -> None:
-    table = _table("problems", "key", "problem", "nearest rule / hint")
-    for problem in error.problems:
-        table.add_row(escape(problem.key or ""), escape(problem.message), escape(problem.hint or problem.rule or ""))
+    """A CompileError's problems, one row per pattern (``--json`` lists every key)."""
+    table = _table("problems (one row per pattern; --json lists every key)", "where / tensors", "problem", "count",
+                   "hint / nearest rule")
+    for group in error.groups:
+        place = group.pattern or ""
+        if group.origin:
+            place = f"{group.origin} [{group.rule}]" + (f"\n{place}" if place else "")
+        example = f" (e.g. {group.keys[0]})" if len(group.keys) > group.SHOWN_KEYS else ""
+        table.add_row(escape(place), escape(group.message + example), str(len(group.keys) or 1), escape(group.hint or ""))
     err.print(table)
+
+
+def _said(error: Any) -> MapperError:
+    """The error to exit with once a table said what ``error`` says (said once, not twice)."""
+    kinds = len(error.groups)
+    return MapperError(
+        f"the rule set does not fit this checkpoint: {len(error.problems)} problem(s) of {kinds} kind(s), listed above",
+        where=error.where, hint=error.hint,
+    )
 
 
 @app.command()
@@ -513,14 +535,16 @@ def roundtrip(
     if as_json:
         _print_json(report.to_dict())
     else:
-        table = _table(f"round trip with {report.rules}", "tensor", "dtype/shape", "bitwise equal")
-        for row in report.diff.rows:
-            equal = "[green]yes[/green]" if row.status == "equal" else f"[red]{row.status}[/red]"
-            table.add_row(escape(row.key), str(row.a or row.b), equal)
-        out.print(table)
-        for lossy in report.lossy:
-            out.print(f"lossy rule {lossy['rule']} ({escape(lossy['op'])}): {lossy['tensors']} step(s), "
-                      f"{lossy['from_sidecar']} restored from the sidecar, {lossy['from_default']} exact without it")
+        if not STATE.quiet:
+            table = _table(f"round trip with {report.rules} (one row per pattern; --json lists every tensor)",
+                           "tensors", "count", "dtype/shape", "bitwise equal")
+            for group in report.diff.groups(show_equal=True):
+                equal = "[green]yes[/green]" if group.status == "equal" else f"[red]{group.status}[/red]"
+                table.add_row(escape(group.pattern), str(len(group.rows)), escape(group.meta), equal)
+            out.print(table)
+            for lossy in report.lossy:
+                out.print(f"lossy rule {lossy['rule']} ({escape(lossy['op'])}): {lossy['tensors']} step(s), "
+                          f"{lossy['from_sidecar']} restored from the sidecar, {lossy['from_default']} exact without it")
         counts = report.diff.counts()
         out.print(("[green]exact[/green]: " if report.ok else "[red]NOT exact[/red]: ") + ", ".join(f"{v} {k}" for k, v in counts.items()))
     if not report.ok:
@@ -543,18 +567,26 @@ def diff(
     from mapper.verify.diff import diff_checkpoints
 
     report = diff_checkpoints(a, b, rules=rules, config_files=config or [], atol=atol)
+    suggestion = None
+    if rules is None and report.key_spaces_differ:
+        suggestion = (f"A and B name their tensors differently ({report.counts().get('only in A', 0)} only in A, "
+                      f"{report.counts().get('only in B', 0)} only in B): to compare a checkpoint with its conversion, "
+                      f"map A through the rule set that made it: mapper diff {a} {b} --rules NAME "
+                      f"(`mapper detect {a}` names it)")
     if as_json:
-        _print_json(report.to_dict())
+        _print_json({**report.to_dict(), "suggestion": suggestion})
     else:
-        table = _table(f"{a} vs {b}" + (f" (A through {rules})" if rules else ""), "tensor", "status", "A", "B", "max abs diff")
-        for row in report.rows:
-            if row.status != "equal" or show_equal:
-                table.add_row(escape(row.key), row.status, str(row.a or "-"), str(row.b or "-"),
-                              "-" if row.max_abs is None else f"{row.max_abs:.3g}")
-        out.print(table)
+        groups = report.groups(show_equal=show_equal)
+        if groups and not STATE.quiet:
+            title = f"{a} vs {b}" + (f" (A through {rules})" if rules else "") + " (one row per pattern; --json lists every tensor)"
+            table = _table(title, "tensors", "count", "status", "A", "B", "max abs diff")
+            for group in groups:
+                table.add_row(escape(group.pattern), str(len(group.rows)), group.status, escape(group.meta_a),
+                              escape(group.meta_b), "-" if group.max_abs is None else f"{group.max_abs:.3g}")
+            out.print(table)
         out.print(", ".join(f"{v} {k}" for k, v in report.counts().items()))
-    if not report.ok:
-        raise VerificationFailed("the checkpoints differ", hint="see the table (or --json) for every tensor")
+    if not report.ok:  # the error's hint suggests --rules when the key spaces differ
+        raise VerificationFailed("the checkpoints differ", hint=suggestion or "see the table (or --json) for every tensor")
 
 
 # --- rules ---------------------------------------------------------------------------------
@@ -605,13 +637,23 @@ def rules_show(
         out.print("parameters: " + ", ".join(
             f"{k}" + (f"={p.default}" if p.default is not None else f"={p.expr}" if p.expr else "") for k, p in ruleset.parameters.items()))
     out.print("placeholders: " + ", ".join(f"{k}: {v}" for k, v in ruleset.placeholders.items()))
+    stage = None
     for op in ruleset.ops:  # one short block per rule: long patterns and conditions stay readable
+        if op.stage != stage:
+            stage = op.stage
+            out.print(f"[bold]stage {stage}[/bold]" if stage else "")
         source, target = ", ".join(op.input_patterns()), ", ".join(op.output_patterns())
         out.print(f"[bold]{escape(op.id or '')}[/bold]  {escape(op.describe())}")
         out.print(f"    {escape(source or '(nothing)')} -> {escape(target or '(dropped)')}")
-        for label, value in (("when", op.when), ("note", op.note), ("at", ruleset.origin(op.id))):
+        replaced = ruleset.replaced_by(op.id)
+        for label, value in (("when", op.when), ("note", op.note), ("at", ruleset.origin(op.id)),
+                             ("replaces", replaced and f"{replaced.rule} ({replaced.origin})")):
             if value:
                 out.print(f"    {label}: {escape(value)}")
+    if ruleset.overrides:
+        out.print("[bold]overrides[/bold] (included rules this rule set replaced or excluded)")
+        for override in ruleset.overrides:
+            out.print(f"    {escape(override.describe())}")
 
 
 @rules_app.command("validate")
@@ -635,16 +677,48 @@ def rules_schema() -> None:
 @rules_app.command("new")
 def rules_new(
     name: Annotated[str, typer.Argument(metavar="NAME", help="Name of the new rule set (lower case, e.g. neox-te-myfork-to-hf-gpt-neox).")],
-    base: Annotated[str, typer.Option("--from", help="Shipped rule set to start from.")],
-    out_dir: Annotated[Path, typer.Option("--out", help="Folder to write into.")] = Path("."),
-    force: Annotated[bool, typer.Option("--force", help="Overwrite existing files.")] = False,
+    base: Annotated[str, typer.Option("--from", help="Rule set to start from: a shipped name (`mapper rules list`) or a rule file.")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder to write NAME.yaml into (other files there are left alone).")] = Path("."),
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing NAME.yaml.")] = False,
 ) -> None:
-    """Scaffold a rule set for a new variant: a copy of BASE and its fragments, ready to edit."""
+    """Start a rule set for a new variant: one file that includes BASE by reference, ready for what differs."""
     from mapper.spec.scaffold import scaffold
 
     written = scaffold(name, base, out_dir, force=force)
-    out.print(f"[green]wrote[/green] {written[0]} (+ {len(written) - 1} fragment files)")
-    out.print(f"edit it, then: mapper rules validate {written[0]} && mapper plan CHECKPOINT --rules {written[0]}")
+    out.print(f"[green]wrote[/green] {written} (it includes {escape(base)}; shipped parts stay where they are)")
+    out.print(f"add what differs, then: mapper rules validate {written} && mapper plan CHECKPOINT --rules {written}")
+
+
+@rules_app.command("params")
+def rules_params(
+    checkpoint: Annotated[Optional[Path], typer.Argument(metavar="[CHECKPOINT]", help="A NeoX checkpoint or HF folder: show the values for it.")] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """The parameters the model config supplies to every rule set (usable without declaring them), with their values for CHECKPOINT."""
+    from mapper.spec.parameters import CONFIG_PARAMETERS
+
+    values: dict[str, int] = {}
+    notes: list[str] = []
+    if checkpoint is not None:
+        from mapper.checkpoints import checkpoint_parameters
+
+        values, notes = checkpoint_parameters(checkpoint, config_files=config or [], settings=_settings(set_))
+        values.setdefault("trim_vocab", 0)
+    if as_json:
+        _print_json([{"name": name, "value": values.get(name), "meaning": meaning}
+                     for name, meaning in CONFIG_PARAMETERS.items()])
+        return
+    table = _table("parameters the config supplies" + (f" ({checkpoint})" if checkpoint else ""),
+                   "parameter", *(["value"] if checkpoint else []), "meaning")
+    for name, meaning in CONFIG_PARAMETERS.items():
+        shown = [] if checkpoint is None else ["-" if values.get(name) is None else str(values[name])]
+        table.add_row(name, *shown, escape(meaning))
+    out.print(table)
+    _notes(notes, as_json=False)
+    out.print("Rule files use these in patterns and expressions without declaring them; declare any other name "
+              "under `parameters` (with a default, an expr, or --param NAME=VALUE).")
 
 
 # --- demo ----------------------------------------------------------------------------------

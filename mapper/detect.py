@@ -186,7 +186,7 @@ def _try(rules: RuleSet, manifest: Manifest, parameters: Mapping[str, int], mode
     try:
         candidate.plan = compile_plan(rules, manifest, parameters)
     except CompileError as error:
-        candidate.reasons.extend(str(p) for p in error.problems)
+        candidate.reasons.extend(str(group) for group in error.groups)  # one per pattern, not per key
         return candidate
     except MapperError as error:
         candidate.reasons.append(error.message)

@@ -13,6 +13,7 @@ line of output.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,38 +55,137 @@ class MapperError(Exception):
 class RuleFileError(MapperError):
     """A rule file that cannot be read, fails the schema, or makes no sense (bad op, cycle...)."""
 
+    @classmethod
+    def listing(cls, problems: Sequence[FileProblem], *, where: str | Path | None = None) -> RuleFileError:
+        """One error naming every problem, in file order (one problem: just that one)."""
+        ordered = sorted(problems, key=lambda p: file_order(p.where))
+        hints = "; ".join(dict.fromkeys(p.hint for p in ordered if p.hint)) or None
+        if len(ordered) == 1:
+            return cls(ordered[0].message, where=ordered[0].where, hint=hints)
+        shown = "\n".join(f"  - {p.where}: {p.message}" for p in ordered)
+        return cls(f"{len(ordered)} problems:\n{shown}", where=where or file_order(ordered[0].where)[0], hint=hints)
+
+
+@dataclass(frozen=True)
+class FileProblem:
+    """One problem of a rule file: ``file:line:column``, what is wrong, how to fix it."""
+
+    where: str
+    message: str
+    hint: str | None = None
+
+
+_LOCATION = re.compile(r"^(.*?)(?::(\d+))?(?::(\d+))?$")
+
+
+def file_order(where: str) -> tuple[str, int, int]:
+    """(file, line, column) of a `file:line:column` location, for sorting problems in file order."""
+    found = _LOCATION.match(where)
+    assert found is not None  # the pattern matches any text
+    return found.group(1), int(found.group(2) or 0), int(found.group(3) or 0)
+
 
 @dataclass(frozen=True)
 class Problem:
-    """One finding of the compiler: what is wrong, for which key, and the nearest rule."""
+    """One finding of the compiler: what is wrong, for which key, and the rule (id and where it
+    was written) it concerns or that comes nearest."""
 
     message: str
     key: str | None = None
-    rule: str | None = None
+    rule: str | None = None  # a rule id
     hint: str | None = None
+    origin: str | None = None  # where the rule was written: "file:line (rule n, op)"
 
     def __str__(self) -> str:
-        text = f"{printable(self.key)}: {self.message}" if self.key else self.message
-        if self.rule:
-            text += f" [{self.rule}]"
-        if self.hint:
-            text += f"\n      hint: {self.hint}"
-        return text
+        return _finding(self.origin, self.rule, self.key, self.message, self.hint)
+
+    def to_dict(self) -> dict[str, str | None]:
+        return {"key": self.key, "message": self.message, "rule": self.rule, "origin": self.origin, "hint": self.hint}
+
+
+def _finding(origin: str | None, rule: str | None, subject: str | None, message: str, hint: str | None) -> str:
+    """``file:line (rule n, op) [rule id]: key: message`` -- the place to edit comes first."""
+    text = ""
+    if origin:
+        text = f"{origin} [{rule}]: " if rule else f"{origin}: "
+    elif rule:
+        text = f"rule {rule}: "
+    text += f"{printable(subject)}: {message}" if subject else message
+    if hint:
+        text += f"\n      hint: {hint}"
+    return text
+
+
+@dataclass(frozen=True)
+class ProblemGroup:
+    """Problems that say the same thing (same message and rule) about keys of one shape:
+    ``layer_*.attention.qkv.{key,query,value}_{bias,weight}@rank*`` stands for 24 keys."""
+
+    message: str
+    pattern: str | None
+    keys: tuple[str, ...]
+    rule: str | None = None
+    origin: str | None = None
+    hint: str | None = None
+
+    SHOWN_KEYS = 3  # a group of at most this many keys names each of them
+
+    def __str__(self) -> str:
+        if len(self.keys) <= 1:
+            subject, message = (self.keys[0] if self.keys else None), self.message
+        else:
+            listed = (f": {', '.join(self.keys)}" if len(self.keys) <= self.SHOWN_KEYS else f", e.g. {self.keys[0]}")
+            subject, message = self.pattern, f"{self.message} ({len(self.keys)} tensors{listed})"
+        return _finding(self.origin, self.rule, subject, message, self.hint)
+
+    def to_dict(self) -> dict[str, object]:
+        return {"pattern": self.pattern, "message": self.message, "count": len(self.keys), "keys": list(self.keys),
+                "rule": self.rule, "origin": self.origin, "hint": self.hint}
+
+
+def group_problems(problems: Sequence[Problem]) -> list[ProblemGroup]:
+    """One group per thing said (message, rule, hint) and pattern of keys
+    (:func:`mapper.keyfold.fold_keys`), in the order the first problem of each was found."""
+    from mapper.keyfold import fold_keys
+
+    families: dict[tuple, list[tuple[int, Problem]]] = {}
+    for index, problem in enumerate(problems):
+        families.setdefault((problem.message, problem.rule, problem.origin, problem.hint), []).append((index, problem))
+    groups: list[tuple[int, ProblemGroup]] = []
+    for (message, rule, origin, hint), found in families.items():
+        first = {}
+        for index, problem in found:
+            if problem.key is None:
+                groups.append((index, ProblemGroup(message, None, (), rule, origin, hint)))
+            else:
+                first.setdefault(problem.key, index)
+        for pattern, keys in fold_keys(list(first)):
+            groups.append((min(first[k] for k in keys), ProblemGroup(message, pattern, tuple(keys), rule, origin, hint)))
+    return [group for _, group in sorted(groups, key=lambda item: item[0])]
 
 
 class CompileError(MapperError):
-    """A rule set does not fit a checkpoint. Holds *all* problems found, not just the first."""
+    """A rule set does not fit a checkpoint. Holds *all* problems found, not just the first;
+    says them grouped (one line per pattern, with a count and an example key)."""
+
+    SHOWN = 50
 
     def __init__(self, problems: list[Problem], *, where: str | None = None):
         self.problems = list(problems)
-        shown = "\n".join(f"  - {p}" for p in self.problems[:50])
-        more = f"\n  ... and {len(self.problems) - 50} more" if len(self.problems) > 50 else ""
+        self.groups = group_problems(self.problems)
+        shown = "\n".join(f"  - {g}" for g in self.groups[: self.SHOWN])
+        more = f"\n  ... and {len(self.groups) - self.SHOWN} more" if len(self.groups) > self.SHOWN else ""
         noun = "problem" if len(self.problems) == 1 else "problems"
+        kinds = "" if len(self.groups) == len(self.problems) else f" of {len(self.groups)} kind{'s' * (len(self.groups) > 1)}"
         super().__init__(
-            f"the rule set does not fit this checkpoint ({len(self.problems)} {noun}):\n{shown}{more}",
+            f"the rule set does not fit this checkpoint ({len(self.problems)} {noun}{kinds}):\n{shown}{more}",
             where=where,
             hint="fix the rules or pick the right rule set (`mapper detect`, `mapper plan` show the evidence)",
         )
+
+    def to_dict(self) -> dict[str, object]:
+        """Every problem, grouped, each group with every key (``--json``)."""
+        return {"where": self.where, "problems": len(self.problems), "groups": [g.to_dict() for g in self.groups]}
 
 
 class CheckpointError(MapperError):

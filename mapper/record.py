@@ -73,6 +73,7 @@ class ConversionRecord(BaseModel):
     settings: dict[str, str] = Field(default_factory=dict, description="gpt-neox code-history settings.")
     approximations: list[dict[str, Any]] = Field(default_factory=list)
     dtype: str | None = Field(None, description="The dtype the weights were cast to (--dtype), if any.")
+    origins: dict[str, str] = Field(default_factory=dict, description="Rule id -> where it was written (file:line).")
 
 
 def read_record(folder: Path) -> ConversionRecord | None:

@@ -9,7 +9,7 @@
 - :mod:`.detection`: :func:`detect_checkpoint`.
 """
 
-from mapper.checkpoints.detection import detect_checkpoint
+from mapper.checkpoints.detection import checkpoint_parameters, detect_checkpoint
 from mapper.checkpoints.hf_side import recorded_rules
 from mapper.checkpoints.options import ConversionOptions
 from mapper.checkpoints.conversion import Prepared, prepare
@@ -17,6 +17,6 @@ from mapper.checkpoints.run import ConversionResult, convert_checkpoint, finaliz
 from mapper.record import RECORD_FILE
 
 __all__ = [
-    "RECORD_FILE", "ConversionOptions", "ConversionResult", "Prepared", "convert_checkpoint", "detect_checkpoint",
+    "RECORD_FILE", "ConversionOptions", "ConversionResult", "Prepared", "checkpoint_parameters", "convert_checkpoint", "detect_checkpoint",
     "finalize_parts", "prepare", "recorded_rules",
 ]

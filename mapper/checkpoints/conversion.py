@@ -115,6 +115,8 @@ class Prepared:
             "settings": {name: getattr(self.model, name) for name in HISTORY_SETTINGS},
             "approximations": [a.model_dump() for a in self.approximations],
             "dtype": None if self.options.dtype is None else str(self.options.dtype).removeprefix("torch."),
+            # where each rule was written, so a later `verify` blames the user's file:line, not the copy
+            "origins": {op.id: origin for op in self.forward_rules.ops if (origin := self.forward_rules.origin(op.id))},
         }
 
 

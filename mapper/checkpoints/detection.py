@@ -40,3 +40,15 @@ def detect_checkpoint(
         candidate.rules = forward  # report the NeoX -> HF rule sets by name
         candidates.append(candidate)
     return Detection(None, candidates)
+
+
+def checkpoint_parameters(
+    src: str | Path, *, config_files: Sequence[str | Path] = (), settings: Mapping[str, Any] | None = None,
+) -> tuple[dict[str, int], list[str]]:
+    """The rule parameters a checkpoint's config supplies (``mapper rules params``), and notes on
+    where they came from: a NeoX config (or, without one, the files and keys), an HF config.json."""
+    source = open_checkpoint(src)
+    if isinstance(source, NeoXCheckpoint):
+        described = describe_neox(source, [Path(p) for p in config_files], settings or {})
+        return described.parameters, described.notes + described.warnings
+    return NeoXModelConfig.from_hf_config(source.config or {}, tp=1).rule_parameters(), []

@@ -59,9 +59,10 @@ def hf_target_of(source: HFCheckpoint) -> HFTarget:
 def recorded_rules(folder: Path) -> RuleSet:
     """The rule set a mapper conversion used to write ``folder``: its saved copy, else by name."""
     saved = existing(folder, "rules")
-    if saved is not None:
-        return load_rule_file(saved, confined=True)  # from an input folder: includes stay inside it
     record = read_record(folder)
+    if saved is not None:
+        rules = load_rule_file(saved, confined=True)  # from an input folder: includes stay inside it
+        return rules.with_origins(record.origins) if record is not None else rules  # the files it came from
     if record is None:
         raise CheckpointError(f"{folder} was not written by mapper (no {RECORD_FILE})", where=folder,
                               hint="name the rule set with --rules")

@@ -11,13 +11,14 @@ output keys. At the end the working set is the target. Along the way compile pro
 - the expected target keys (and shapes), when given, are produced exactly;
 - the inverse of a lossy op has its sidecar entry or a declared default.
 
-It reports *all* problems in one :class:`CompileError`, with the nearest rule for each key no
-rule consumed.
+It reports *all* problems in one :class:`CompileError` (grouped by pattern when it is shown),
+each naming the rule and where it was written, with the nearest rule for each key no rule
+consumed (nearest by module path, then leaf: :mod:`mapper.engine.nearest`), and, for a rule that
+matched nothing, the later rule that produces such keys when there is one (rules run in order).
 """
 
 from __future__ import annotations
 
-import difflib
 import itertools
 import re
 from functools import cached_property
@@ -27,13 +28,13 @@ from typing import Union
 from mapper.errors import CompileError, Problem, RuleFileError
 from mapper.ops import NeedsResidual, Op, OpContext, ShapeError
 from mapper.patterns import BoundPattern, Pattern
+from mapper.engine.nearest import nearest, patterns_meet, shape_of
 from mapper.engine.plan import Node, Plan, Value, lineage
 from mapper.engine.sidecar import Sidecar
 from mapper.spec.models import RuleSet
 from mapper.tensors import Manifest, TensorMeta
 
 Expected = Union[Mapping[str, tuple[int, ...]], Collection[str], None]
-_NEAREST_FOR = 20  # leftover keys that get a nearest-rule hint
 
 
 def compile_plan(
@@ -85,11 +86,10 @@ class _Builder:
         self.working[key] = value
 
     def problem(self, message: str, *, key: str | None = None, rule: Op | None = None, hint: str | None = None) -> None:
-        label = None
-        if rule is not None:
-            origin = self.ruleset.origin(rule.id)
-            label = f"rule {rule.id}" + (f" at {origin}" if origin else "")
-        self.problems.append(Problem(message, key=key, rule=label, hint=hint))
+        if rule is None:
+            self.problems.append(Problem(message, key=key, hint=hint))
+        else:
+            self.problems.append(Problem(message, key=key, rule=rule.id, hint=hint, origin=self.ruleset.origin(rule.id)))
 
     def bound(self, text: str) -> BoundPattern:
         return Pattern(text, self.names, self.choices).bind(self.parameters)
@@ -109,15 +109,47 @@ class _Builder:
         else:
             found = self._match(op, inputs, outputs)
         if not found and not op.optional and inputs:
-            nearest = difflib.get_close_matches(inputs[0].pattern.template, self._templates(), n=1, cutoff=0.5)
-            self.problem(
-                f"matched no key (pattern {inputs[0].pattern.text!r})",
-                rule=op,
-                hint=(f"the checkpoint has keys like {nearest[0]!r}; " if nearest else "")
-                + "mark the rule `optional: true` if the tensor may be absent",
-            )
+            self._matched_nothing(rule_index, op, inputs[0].pattern)
         for binding, in_keys, out_keys in found:
             self._add_node(rule_index, op, binding, in_keys, out_keys)
+
+    def _matched_nothing(self, rule_index: int, op: Op, pattern: Pattern) -> None:
+        """A required rule found no key: say so, and whether a later rule makes such keys."""
+        later = self._later_producer(rule_index, pattern)
+        if later is not None:
+            other, index = later
+            origin = self.ruleset.origin(other.id)
+            mine, theirs = op.stage or "?", other.stage or "?"
+            self.problem(
+                f"matched no key (pattern {pattern.text!r}); rules run in order, and rule {other.id}"
+                + (f" at {origin}" if origin else "") + " produces such keys later",
+                rule=op,
+                hint=(f"this rule runs in stage {mine}, {other.id} in the later stage {theirs}: "
+                      if mine != theirs else f"both run in stage {mine}, where rules run in file order (includes first): ")
+                + "put the rule that needs the keys in a later stage (`stage:`), or the one that makes them in an "
+                "earlier one (or in a `replace` of the included rule it stands for)",
+            )
+            return
+        near = nearest(pattern.template, self._templates())
+        self.problem(
+            f"matched no key (pattern {pattern.text!r})",
+            rule=op,
+            hint=(f"the checkpoint has keys like {near!r}; " if near else "")
+            + "mark the rule `optional: true` if the tensor may be absent",
+        )
+
+    def _later_producer(self, rule_index: int, pattern: Pattern) -> tuple[Op, int] | None:
+        """The first active rule after ``rule_index`` whose outputs fit ``pattern``."""
+        for index, other in enumerate(self.ruleset.ops[rule_index + 1:], start=rule_index + 1):
+            try:
+                if not other.active(self.parameters):
+                    continue
+            except RuleFileError:
+                continue
+            for text in other.output_patterns():
+                if patterns_meet(pattern, Pattern(text, self.names, self.choices)):
+                    return other, index
+        return None
 
     def _match(
         self, op: Op, inputs: list[BoundPattern], outputs: list[BoundPattern]
@@ -266,10 +298,8 @@ class _Builder:
     # --- the end -----------------------------------------------------------------------------
     def finish(self, expected: Expected) -> None:
         leftover = [k for k, v in self.working.items() if v.producer is None]
-        for position, key in enumerate(leftover):
-            # The nearest-rule search is the slow part of a failed compile: only for the first few.
-            hint = self._nearest_rule(key) if position < _NEAREST_FOR else None
-            self.problem("no rule consumes this tensor", key=key, hint=hint)
+        for key in leftover:
+            self.problem("no rule consumes this tensor", key=key, hint=self._nearest_rule(key))
         targets = {k: v for k, v in self.working.items() if v.producer is not None}
         if expected is not None:
             self.problems.extend(expected_problems(targets, expected))
@@ -285,7 +315,7 @@ class _Builder:
 
     def _templates(self) -> list[str]:
         """The distinct shapes of the keys still in play (``layer_*.mlp.fc*_weight@rank*``)."""
-        return sorted({re.sub(r"\d+", "*", k) for k in self.working})
+        return sorted({shape_of(k) for k in self.working})
 
     @cached_property
     def _rule_templates(self) -> list[tuple[Op, str, str]]:
@@ -296,16 +326,11 @@ class _Builder:
         ]
 
     def _nearest_rule(self, key: str) -> str:
-        shape = re.sub(r"\d+", "*", key)
-        matcher = difflib.SequenceMatcher(None, b=shape)
-        best, best_score = None, 0.5
-        for op, text, template in self._rule_templates:
-            matcher.set_seq1(template)
-            if matcher.quick_ratio() > best_score and (score := matcher.ratio()) > best_score:
-                best, best_score = (op, text), score
-        if best is None:
+        """The rule whose input pattern is nearest ``key`` by structure, and why it did not take it."""
+        found = self._nearest_rule_for_shape(shape_of(key))
+        if found is None:
             return "no rule mentions anything like it: add a rule (or a `drop` with a `note` saying why)"
-        op, text = best
+        op, text = found
         origin = self.ruleset.origin(op.id)
         why = ""
         binding = Pattern(text, self.names, self.choices).bind(self.parameters).match(key)
@@ -314,6 +339,17 @@ class _Builder:
                 "a placeholder is out of its range" if not self._in_range(binding)
                 else "an earlier rule or a `when` condition took it out of play") + ")"
         return f"nearest rule: {op.id} {op.name} {text!r}{why}" + (f" at {origin}" if origin else "")
+
+    def _nearest_rule_for_shape(self, shape: str) -> tuple[Op, str] | None:
+        """Keys of one shape share their nearest rule: searched once per shape."""
+        cache = self.__dict__.setdefault("_nearest_cache", {})
+        if shape not in cache:
+            by_template: dict[str, tuple[Op, str]] = {}
+            for op, text, template in self._rule_templates:
+                by_template.setdefault(template, (op, text))
+            best = nearest(shape, by_template)
+            cache[shape] = by_template[best] if best is not None else None
+        return cache[shape]
 
 
 def expected_problems(targets: Mapping[str, Value], expected: Expected) -> list[Problem]:

@@ -167,7 +167,8 @@ class Plan:
 
     # --- presentation ----------------------------------------------------------------------
     def rows(self) -> list[dict[str, Any]]:
-        """One row per target: its sources (ranks folded), the op chain, the target."""
+        """One row per target: its sources (ranks folded), the op chain with each step's rule id
+        (and the included rule it replaces, if it does), the target."""
         rows = []
         for key, value in self.targets.items():
             steps = {n.rule_id: n.op for n in self.lineage(key)}  # one entry per rule, not per rank
@@ -176,6 +177,7 @@ class Plan:
                     "sources": fold_ranks(sorted(set(value.sources()))),
                     "ops": [op.describe() for op in steps.values()] or ["(unchanged)"],
                     "rules": list(steps),
+                    "steps": [self._step(rule_id, op) for rule_id, op in steps.items()],
                     "target": key,
                     "meta": str(value.meta),
                 }
@@ -186,11 +188,16 @@ class Plan:
                     "sources": fold_ranks([v.key for v in node.inputs]),
                     "ops": [node.op.describe()],
                     "rules": [node.rule_id],
+                    "steps": [self._step(node.rule_id, node.op)],
                     "target": "(dropped" + (f": {node.op.note}" if node.op.note else "") + ")",
                     "meta": str(node.inputs[0].meta),
                 }
             )
         return rows
+
+    def _step(self, rule_id: str, op: Op) -> dict[str, Any]:
+        replaced = self.ruleset.replaced_by(rule_id)
+        return {"op": op.describe(), "rule": rule_id, "stage": op.stage, "replaces": replaced.rule if replaced else None}
 
     def explain(self) -> str:
         """Plain-text rendering: ``sources -> op -> op -> target`` per tensor."""
@@ -201,6 +208,7 @@ class Plan:
         ]
         for row in self.rows():
             lines.append(f"{row['sources']} -> {' -> '.join(row['ops'])} -> {row['target']}  {row['meta']}")
+        lines.extend(f"override: {o.describe()}" for o in self.ruleset.overrides)
         lines.extend(f"note: {n}" for n in self.notes)
         return "\n".join(lines)
 
@@ -212,6 +220,7 @@ class Plan:
             "target_tensors": len(self.targets),
             "steps": len(self.nodes),
             "dropped": [n.inputs[0].key for n in self.dropped],
+            "overrides": [o.describe() for o in self.ruleset.overrides],
             "source_bytes": sum(v.meta.nbytes for v in self.sources.values()),
             "target_bytes": sum(v.meta.nbytes for v in self.targets.values()),
         }

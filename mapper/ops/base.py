@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -24,6 +24,7 @@ from mapper.expressions import evaluate
 from mapper.tensors import TensorMeta
 
 Dim = int
+Stage = Literal["ranks", "merge", "model"]  # when a rule runs: per TP rank, merging ranks, whole model
 SizeExpr = int | str  # an integer or an expression over parameters, e.g. "num_kv_heads // tp * head_dim"
 
 
@@ -72,6 +73,13 @@ class Op(BaseModel):
         False, description="Matching no key is fine (e.g. biases a model may not have)."
     )
     note: str | None = Field(None, description="Why this rule exists; shown in plans and reports.")
+    stage: Stage | None = Field(
+        None,
+        description="When the rule runs: `ranks` (per TP rank, keys `...@rank{r}`), `merge` (joining the "
+        "ranks) or `model` (whole tensors); rules run stage by stage, in file order within a stage. "
+        "Default: what its `@rank` keys show (both sides: ranks, one side: merge), else the file's `stage`, "
+        "else model; a stated stage the keys contradict is an error.",
+    )
 
     def active(self, parameters: Mapping[str, int]) -> bool:
         """Whether this rule applies under these parameter values (its ``when``)."""
@@ -134,14 +142,14 @@ class Op(BaseModel):
     def describe(self) -> str:
         """Short text for plans: ``fuse(dim=0, over r)``."""
         shown = self.model_dump(
-            exclude={"id", "when", "optional", "note", "from_", "to"}, exclude_defaults=True
+            exclude={"id", "when", "optional", "note", "stage", "from_", "to"}, exclude_defaults=True
         )
         inner = ", ".join(f"{k}={_short(v)}" for k, v in shown.items())
         return f"{self.name}({inner})" if inner else self.name
 
     def common_fields(self) -> dict[str, Any]:
         """The fields every op carries, to copy onto its inverse."""
-        return {"id": self.id, "when": self.when, "optional": self.optional, "note": self.note}
+        return {"id": self.id, "when": self.when, "optional": self.optional, "note": self.note, "stage": self.stage}
 
 
 def same_key_if_missing(cls: type, data: Any) -> Any:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from mapper.errors import RuleFileError
 from mapper.resources import rules_dir
+from mapper.spec.compose import BUILTIN
 from mapper.spec.loader import dump_rule_set, load_rule_file, load_rule_text
 from mapper.spec.models import RuleSet
 
@@ -27,8 +28,11 @@ def load_rules(name_or_path: str | Path) -> RuleSet:
 
     A shipped rule set's name wins over a file or folder of that name in the current folder
     (which could change what a conversion does without the user knowing); to load such a file,
-    write it as a path (``./NAME``).
+    write it as a path (``./NAME``). ``builtin:NAME`` names a shipped rule set or fragment as an
+    `include` does.
     """
+    if str(name_or_path).startswith(BUILTIN):
+        return load_rule_file(str(name_or_path))
     builtin = builtin_rule_files()
     if not looks_like_a_path(name_or_path) and str(name_or_path) in builtin:
         return load_rule_file(builtin[str(name_or_path)])

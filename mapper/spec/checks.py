@@ -7,16 +7,51 @@ placeholder on one side only would leave the inverse unable to rebuild a key).
 
 from __future__ import annotations
 
-from mapper.errors import RuleFileError
+import re
+
+from mapper.errors import RuleFileError, file_order
 from mapper.expressions import parse
 from mapper.ops import Op
 from mapper.patterns import Pattern
-from mapper.spec.models import RuleSet
+from mapper.spec.models import Parameter, RuleSet
+from mapper.spec.parameters import CONFIG_PARAMETERS
 
 GENERAL_HINT = (
     "placeholders must appear on both sides of a rule (fuse/split: all but `over`); "
-    "every other name in a pattern or expression must be a declared parameter"
+    "every other name in a pattern or expression must be a declared parameter or one the config "
+    "supplies (`mapper rules params` lists them)"
 )
+_FIELD = re.compile(r"\{([^{}]*)\}")
+_DEFAULTS = {"trim_vocab": 0}  # given only by --trim-vocab
+
+
+def declare_config_parameters(ruleset: RuleSet) -> RuleSet:
+    """Declare the parameters the config supplies that the rules use but do not declare.
+
+    A rule file may write ``expr: 'hidden_size // num_heads'`` without declaring either: their
+    values come from the model config (``mapper rules params`` lists them)."""
+    declared = set(ruleset.parameters) | set(ruleset.placeholders)
+    wanted = sorted((names_used(ruleset) - declared) & set(CONFIG_PARAMETERS))
+    if not wanted:
+        return ruleset
+    added = {name: Parameter(description=CONFIG_PARAMETERS[name], default=_DEFAULTS.get(name)) for name in wanted}
+    return ruleset.model_copy(update={"parameters": {**ruleset.parameters, **added}}).with_provenance(ruleset)
+
+
+def names_used(ruleset: RuleSet) -> set[str]:
+    """Every name the rule set's expressions, conditions, ranges and pattern fields read."""
+    texts = [p.expr for p in ruleset.parameters.values() if p.expr] + [str(s) for s in ruleset.ranged.values()]
+    for op in ruleset.ops:
+        texts += op.expressions() + ([op.when] if op.when else [])
+        texts += [field.partition(":")[0] for pattern in op.input_patterns() + op.output_patterns()
+                  for field in _FIELD.findall(pattern)]
+    names: set[str] = set()
+    for text in texts:
+        try:
+            names |= parse(str(text)).names
+        except RuleFileError:  # reported by check_rule_set, with its rule
+            continue
+    return names
 
 
 def check_rule_set(ruleset: RuleSet) -> None:
@@ -35,10 +70,12 @@ def check_rule_set(ruleset: RuleSet) -> None:
             problems.append(f"placeholder {name!r}: range uses undeclared {', '.join(sorted(unknown))}")
 
     hints: list[str] = []  # fixes of specific problems (a forbidden expression...)
+    located = []
     for index, op in enumerate(ruleset.ops):
         for problem in _check_op(op, ruleset, parameters, hints):
             origin = ruleset.origin(op.id) or f"rule {index}"
-            problems.append(f"{origin} [{op.id}]: {problem}")
+            located.append((file_order(origin.split(" (")[0]), f"{origin} [{op.id}]: {problem}"))
+    problems += [text for _, text in sorted(located, key=lambda item: item[0])]  # file order
 
     if problems:
         shown = "\n".join(f"  - {p}" for p in problems)

@@ -19,12 +19,13 @@ import jsonschema
 import yaml
 from pydantic import ValidationError
 
-from mapper.errors import RuleFileError
+from mapper.errors import FileProblem, RuleFileError
 from mapper.ops import OPS_BY_NAME
 from mapper.resources import rules_dir
-from mapper.safe_yaml import compose, limited_loader
-from mapper.spec.checks import check_rule_set
-from mapper.spec.models import RuleSet, unwrap, wrap
+from mapper.safe_yaml import compose as compose_node, limited_loader
+from mapper.spec.checks import check_rule_set, declare_config_parameters
+from mapper.spec.compose import BUILTIN, Part, builtin_path, compose
+from mapper.spec.models import RuleSet, wrap
 from mapper.spec.schema import rule_set_schema
 
 Position = tuple[int, int]
@@ -34,14 +35,14 @@ Path_ = tuple[Any, ...]
 def load_rule_file(path: str | Path, *, confined: bool = False) -> RuleSet:
     """Load one file and everything it includes into a flat, checked rule set.
 
-    ``confined=True`` is for a rule file found in an input folder (the ``mapper-rules.yaml`` an
-    HF folder carries): its includes may only name files inside its own folder tree or the
+    ``confined=True`` is for a rule file found in an input folder (the rules an HF folder carries
+    in ``mapper/rules.yaml``): its includes may only name files inside its own folder tree or the
     shipped rules, so a folder from elsewhere cannot make mapper read (and quote in its errors)
     other files of the machine.
     """
     top = _include_path(Path.cwd(), str(path), str(path), top=True)
     within = (top.parent, rules_dir().resolve()) if confined else None
-    flat = _resolve(top, stack=(), within=within)
+    flat = declare_config_parameters(_resolve(top, stack=(), within=within))
     check_rule_set(flat)
     return flat
 
@@ -49,7 +50,7 @@ def load_rule_file(path: str | Path, *, confined: bool = False) -> RuleSet:
 def load_rule_text(text: str, *, name: str = "<text>", base: Path | None = None) -> RuleSet:
     """Load rules from a string (tests, tools); includes resolve relative to ``base``."""
     data, positions = parse_document(text, name)
-    flat = _build(data, positions, Path(name), base or Path.cwd(), stack=(), within=None)
+    flat = declare_config_parameters(_build(data, positions, Path(name), base or Path.cwd(), stack=(), within=None))
     check_rule_set(flat)
     return flat
 
@@ -62,7 +63,7 @@ def parse_document(text: str, where: str) -> tuple[Any, dict[Path_, Position]]:
     loader: Any = None
     try:
         loader = limited_loader(text, where=where, error=RuleFileError)  # already reads: may refuse a character
-        node = compose(loader)
+        node = compose_node(loader)
         if node is None:
             raise RuleFileError("the file is empty", where=where, hint="start from `mapper rules new`")
         positions: dict[Path_, Position] = {}
@@ -127,6 +128,7 @@ def _construct_collection(loader: yaml.SafeLoader, node: yaml.Node, path: Path_,
                 f"key {key!r} appears twice in the same mapping", where=_at(where, key_node.start_mark),
                 hint="YAML would silently keep the last one; remove the duplicate",
             )
+        positions[path + ("<key>", key)] = (key_node.start_mark.line + 1, key_node.start_mark.column + 1)
         result[key] = _construct(loader, value_node, path + (key,), positions, where)
     return result
 
@@ -145,76 +147,167 @@ def _locate(where: str, positions: Mapping[Path_, Position], path: Path_) -> str
 
 
 def _rule_label(path: Path_, data: Any) -> str:
+    """``rule 3 (rename): `` for a path inside a rule (also in a ``replace`` entry)."""
+    rule, at = _rule_at(path, data)
+    if at is None:
+        return ""
+    op = f" ({', '.join(map(str, rule))})" if isinstance(rule, dict) else ""
+    where = f"replace {at[1]!r}, " if at[0] == "replace" else ""
+    return f"{where}rule {at[-1]}{op}: "
+
+
+def _rule_at(path: Path_, data: Any) -> tuple[Any, Path_ | None]:
+    """The rule a document path lies in, and the rule's own path."""
     if len(path) >= 2 and path[0] == "rules" and isinstance(path[1], int):
-        rules = data.get("rules") if isinstance(data, dict) else None
-        op = ""
-        if isinstance(rules, list) and path[1] < len(rules) and isinstance(rules[path[1]], dict):
-            op = " (" + ", ".join(map(str, rules[path[1]])) + ")"
-        return f"rule {path[1]}{op}: "
-    return ""
+        at: Path_ = tuple(path[:2])
+    elif len(path) >= 3 and path[0] == "replace" and isinstance(path[2], int):
+        at = tuple(path[:3])
+    else:
+        return None, None
+    node = data
+    for part in at:
+        try:
+            node = node[part]
+        except (KeyError, IndexError, TypeError):
+            return None, at
+    return node, at
 
 
-# --- validation stages -----------------------------------------------------------------
-def _check_rule_shapes(data: Any, positions: Mapping[Path_, Position], where: str) -> None:
-    """Before the schema: give each rule a precise message (did you mean ...?)."""
+# --- validation stages: every problem of the file at once, in file order --------------------
+_FORMAT_HINT = "the format is described in the README (Rule format) and schemas/ruleset.v1.json"
+
+
+def _rule_lists(data: dict) -> list[tuple[Path_, Any]]:
+    """Every list of rules in a document: ``rules`` and each ``replace`` entry."""
+    lists: list[tuple[Path_, Any]] = [(("rules",), data.get("rules", []))]
+    replace = data.get("replace")
+    if isinstance(replace, dict):
+        lists += [(("replace", name), rules) for name, rules in replace.items()]
+    return lists
+
+
+def _shape_problems(data: Any, positions: Mapping[Path_, Position], where: str) -> list[FileProblem]:
+    """Before the schema: each rule is one op, and the op exists (did you mean ...?)."""
     if not isinstance(data, dict):
         raise RuleFileError(
             "a rule file must be a mapping with schema_version, name, description, rules, ...",
             where=_locate(where, positions, ()), hint="see `mapper rules show` for a complete example",
         )
-    rules = data.get("rules", [])
-    if not isinstance(rules, list):
-        raise RuleFileError("`rules` must be a list", where=_locate(where, positions, ("rules",)))
-    for index, rule in enumerate(rules):
-        at = _locate(where, positions, ("rules", index))
-        if not isinstance(rule, dict) or len(rule) != 1:
-            raise RuleFileError(
-                f"rule {index} must be a mapping with exactly one key, the op name", where=at,
-                hint=f"write e.g. `- rename: {{from: a, to: b}}`; ops: {', '.join(OPS_BY_NAME)}",
-            )
-        (op,) = rule
-        if op not in OPS_BY_NAME:
-            close = difflib.get_close_matches(str(op), OPS_BY_NAME, n=1)
-            raise RuleFileError(
-                f"rule {index}: unknown op {op!r}", where=at,
-                hint=(f"did you mean {close[0]!r}? " if close else "") + f"ops: {', '.join(OPS_BY_NAME)}",
-            )
+    problems = []
+    for at, rules in _rule_lists(data):
+        if not isinstance(rules, list):
+            problems.append(FileProblem(_locate(where, positions, at), f"`{'.'.join(map(str, at))}` must be a list of rules"))
+            continue
+        for index, rule in enumerate(rules):
+            here = _locate(where, positions, at + (index,))
+            label = f"replace {at[1]!r}, rule {index}" if at[0] == "replace" else f"rule {index}"
+            if not isinstance(rule, dict) or len(rule) != 1:
+                problems.append(FileProblem(
+                    here, f"{label} must be a mapping with exactly one key, the op name",
+                    hint=f"write e.g. `- rename: {{from: a, to: b}}`; ops: {', '.join(OPS_BY_NAME)}",
+                ))
+                continue
+            (op,) = rule
+            if op not in OPS_BY_NAME:
+                close = difflib.get_close_matches(str(op), OPS_BY_NAME, n=1)
+                problems.append(FileProblem(
+                    here, f"{label}: unknown op {op!r}",
+                    hint=(f"did you mean {close[0]!r}? " if close else "") + f"ops: {', '.join(OPS_BY_NAME)}",
+                ))
+    return problems
+
+
+@lru_cache(maxsize=None)
+def _validator(definition: str | None = None) -> jsonschema.protocols.Validator:
+    """The schema's validator: of a whole rule file, or of one definition (an op's fields)."""
+    schema = rule_set_schema()
+    if definition is not None:
+        schema = {"$schema": schema["$schema"], "$defs": schema["$defs"], "$ref": f"#/$defs/{definition}"}
+    return jsonschema.validators.validator_for(schema)(schema)
 
 
 @lru_cache(maxsize=1)
-def _validator() -> jsonschema.protocols.Validator:
+def _op_definitions() -> dict[str, str]:
+    """op name -> the schema definition of its fields."""
     schema = rule_set_schema()
-    cls = jsonschema.validators.validator_for(schema)
-    return cls(schema)
+    found = {}
+    for wrapper in schema["$defs"].values():
+        properties = wrapper.get("properties", {})
+        if len(properties) == 1 and wrapper.get("required") == list(properties):
+            ((name, spec),) = properties.items()
+            if name in OPS_BY_NAME and "$ref" in spec:
+                found[name] = spec["$ref"].split("/")[-1]
+    return found
 
 
-def _check_schema(data: Any, positions: Mapping[Path_, Position], where: str) -> None:
-    errors = sorted(_validator().iter_errors(data), key=lambda e: (len(e.absolute_path), list(map(str, e.absolute_path))))
-    if not errors:
-        return
-    # The deepest error is the most specific; oneOf errors get their best sub-error.
-    error = jsonschema.exceptions.best_match(errors)
-    path = tuple(error.absolute_path)
+def _schema_problems(data: dict, positions: Mapping[Path_, Position], where: str) -> list[FileProblem]:
+    """Every schema error. Rules are checked against their own op's fields (a `oneOf` over all ops
+    would only say 'not valid under any of the given schemas'); the rest against the schema."""
+    header = {**data, "rules": []}
+    if isinstance(data.get("replace"), dict):
+        header["replace"] = {name: [] for name in data["replace"]}
+    found = [(error, ()) for error in _validator().iter_errors(header)]
+    for at, rules in _rule_lists(data):
+        for index, rule in enumerate(rules if isinstance(rules, list) else []):
+            if isinstance(rule, dict) and len(rule) == 1 and next(iter(rule)) in OPS_BY_NAME:
+                ((op, fields),) = rule.items()
+                found += [(error, at + (index, op)) for error in _validator(_op_definitions()[op]).iter_errors(fields)]
+    problems = []
+    for error, prefix in found:
+        problems.extend(_schema_problem(error, prefix, data, positions, where))
+    return problems
+
+
+def _schema_problem(
+    error: jsonschema.ValidationError, prefix: Path_, data: Any, positions: Mapping[Path_, Position], where: str
+) -> list[FileProblem]:
+    if error.context:  # anyOf / oneOf: the alternative that came closest says what is wrong
+        error = jsonschema.exceptions.best_match(error.context)
+    path = prefix + tuple(error.absolute_path)
     field = ".".join(map(str, path)) or "(top level)"
-    raise RuleFileError(
-        f"{_rule_label(path, data)}{field}: {error.message}",
-        where=_locate(where, positions, path),
-        hint="the format is described in the README (Rule format) and schemas/ruleset.v1.json",
-    )
+    if error.validator == "additionalProperties" and isinstance(error.instance, dict):
+        allowed = list(error.schema.get("properties", {}))
+        problems = []
+        for key in (k for k in error.instance if k not in allowed):
+            close = difflib.get_close_matches(str(key), allowed, n=1, cutoff=0.6)
+            problems.append(FileProblem(
+                _locate(where, positions, path + ("<key>", key)),
+                f"{_rule_label(path, data)}{field}: unknown key: {key!r} was unexpected here"
+                + (f"; did you mean {close[0]!r}?" if close else ""),
+                hint=f"{_takes(field, allowed)}; {_FORMAT_HINT}",
+            ))
+        return problems
+    return [FileProblem(_locate(where, positions, path), f"{_rule_label(path, data)}{field}: {error.message}",
+                        hint=_FORMAT_HINT)]
 
 
-def _check_model(data: Any, positions: Mapping[Path_, Position], where: str) -> RuleSet:
+def _takes(field: str, allowed: list[str]) -> str:
+    """``rename takes from, to (and id, when, optional, note, stage)``."""
+    common = ("id", "when", "optional", "note", "stage")
+    own = [name for name in allowed if name not in common]
+    rest = [name for name in allowed if name in common]
+    if rest and own:
+        return f"{field.split('.')[-1]} takes {', '.join(own)} (and {', '.join(rest)})"
+    return f"{field.split('.')[-1] if field != '(top level)' else 'a rule file'} takes {', '.join(allowed)}"
+
+
+def _model_problems(data: Any, positions: Mapping[Path_, Position], where: str) -> tuple[RuleSet | None, list[FileProblem]]:
+    """What the models check beyond the schema (expressions parse, a header fits its kind...)."""
     try:
-        return RuleSet.model_validate(data)
+        return RuleSet.model_validate(data), []
     except ValidationError as error:
-        first = error.errors()[0]
-        path = _data_path(data, first["loc"])
-        message = first["msg"].removeprefix("Value error, ")
-        raise RuleFileError(
-            f"{_rule_label(path, data)}{'.'.join(map(str, path)) or '(top level)'}: {message}",
-            where=_locate(where, positions, path),
-            hint="the format is described in the README (Rule format) and schemas/ruleset.v1.json",
-        ) from None
+        problems, seen = [], set()
+        for found in error.errors():
+            path = _data_path(data, found["loc"])
+            message = found["msg"].removeprefix("Value error, ")
+            if (path, message) in seen:
+                continue
+            seen.add((path, message))
+            problems.append(FileProblem(
+                _locate(where, positions, path),
+                f"{_rule_label(path, data)}{'.'.join(map(str, path)) or '(top level)'}: {message}", hint=_FORMAT_HINT,
+            ))
+        return None, problems
 
 
 def _data_path(data: Any, loc: tuple) -> Path_:
@@ -304,12 +397,19 @@ def _validated_file(path: Path, mtime_ns: int, size: int) -> tuple[RuleSet, dict
 
 
 def _validate(data: Any, positions: dict, where: str) -> RuleSet:
-    _check_rule_shapes(data, positions, where)
-    _check_schema(data, positions, where)
-    return _check_model(data, positions, where)
+    problems = _shape_problems(data, positions, where)
+    problems += _schema_problems(data, positions, where)
+    ruleset = None
+    if not problems:  # the models would repeat the schema's findings
+        ruleset, problems = _model_problems(data, positions, where)
+    if problems or ruleset is None:
+        raise RuleFileError.listing(problems, where=where)
+    return ruleset
 
 
 def _include_path(base: Path, name: str, where: str, *, top: bool = False) -> Path:
+    if name.startswith(BUILTIN):  # a shipped rule set or fragment, from the installed package
+        return builtin_path(name, where)
     try:
         return (base / name).resolve()
     except (OSError, ValueError) as error:  # a NUL byte, a path too long, a symlink loop...
@@ -326,54 +426,25 @@ def _build(data: Any, positions: dict, path: Path, base: Path, stack: tuple[Path
 def _assemble(
     ruleset: RuleSet, positions: dict, path: Path, base: Path, stack: tuple[Path, ...], within: Within
 ) -> RuleSet:
-    """Resolve a validated file's includes and give its rules their ids and origins."""
+    """Resolve a validated file's includes, then compose it with them (:mod:`mapper.spec.compose`)."""
     where = str(path)
-
-    parts: list[tuple[RuleSet, str]] = []
-    for entry in ruleset.include:
+    parts: list[Part] = []
+    for index, entry in enumerate(ruleset.include):
         name, when = (entry, None) if isinstance(entry, str) else (entry.path, entry.when)
-        fragment = _resolve(_include_path(base, name, str(path)), stack, within)
+        at = _locate(where, positions, ("include", index))
+        try:
+            included = _resolve(_include_path(base, name, at), stack, within)
+        except RuleFileError as error:
+            if error.where == where:  # about the include itself: say which entry
+                error.where = at
+            raise
         if when is not None:
-            fragment = _only_when(fragment, when)
-        parts.append((fragment, str(base / name)))
-    own_ids = {}
-    own_rules = []
-    for index, op in enumerate(ruleset.ops):
-        rule_id = op.id or f"{ruleset.name}#{index}"
-        line = positions.get(("rules", index), (0, 0))[0]
-        if rule_id in own_ids:
-            raise RuleFileError(
-                f"rule id {rule_id!r} occurs twice ({own_ids[rule_id]} and {where}:{line} (rule {index}, {op.name}))",
-                where=f"{where}:{line}", hint="give each rule its own `id` (or none: the default is unique)",
-            )
-        own_ids[rule_id] = f"{where}:{line} (rule {index}, {op.name})"
-        own_rules.append(wrap(op.model_copy(update={"id": rule_id})))
-
-    parameters = dict(ruleset.parameters)
-    placeholders = dict(ruleset.placeholders)
-    rules, origins = [], {}
-    defined: dict[tuple[str, str], str] = {}
-    for fragment, fragment_path in parts:
-        _merge(parameters, fragment.parameters, "parameter", fragment_path, where, defined)
-        _merge(placeholders, fragment.placeholders, "placeholder", fragment_path, where, defined)
-        rules.extend(fragment.rules)
-        origins.update(fragment._origins)
-    rules.extend(own_rules)
-    origins.update(own_ids)
-
-    seen: dict[str, str] = {}
-    for op in (unwrap(rule) for rule in rules):
-        assert op.id is not None
-        if op.id in seen:
-            raise RuleFileError(
-                f"rule id {op.id!r} occurs twice ({seen[op.id]} and {origins.get(op.id)})",
-                where=where, hint="a fragment was included twice, or two rules share an explicit `id`",
-            )
-        seen[op.id] = origins.get(op.id, "")
-    flat = ruleset.model_copy(
-        update={"include": [], "rules": rules, "parameters": parameters, "placeholders": placeholders}
+            included = _only_when(included, when)
+        parts.append(Part(included, name if name.startswith(BUILTIN) else str(base / name), at))
+    return compose(
+        ruleset, path, lambda *at: _locate(where, positions, at),
+        lambda *at: positions.get(at, (0, 0))[0], parts,
     )
-    return flat.with_origins(origins)
 
 
 def _only_when(fragment: RuleSet, when: str) -> RuleSet:
@@ -382,28 +453,7 @@ def _only_when(fragment: RuleSet, when: str) -> RuleSet:
     for op in fragment.ops:
         joined = f"({when}) and ({op.when})" if op.when else when
         rules.append(wrap(op.model_copy(update={"when": joined})))
-    return fragment.model_copy(update={"rules": rules}).with_origins(fragment._origins)
-
-
-def _merge(into: dict, new: Mapping, what: str, source: str, where: str, defined: dict[tuple[str, str], str]) -> None:
-    """Add a fragment's parameters or placeholders; ``defined`` records who defined each first."""
-    for name, value in new.items():
-        first = defined.get((what, name), where)
-        if name in into and into[name] != value:
-            raise RuleFileError(
-                f"fragments disagree on {what} {name!r}: {first} defines it as {_plain(into[name])}, "
-                f"{source} as {_plain(value)}",
-                where=where, hint=f"define {what} {name!r} the same way everywhere, or in one place",
-            )
-        into[name] = value
-        defined.setdefault((what, name), source)
-
-
-def _plain(value: Any) -> str:
-    """A parameter or placeholder as the rule file writes it."""
-    if hasattr(value, "model_dump"):
-        value = value.model_dump(exclude_none=True, by_alias=True)
-    return json.dumps(value)
+    return fragment.model_copy(update={"rules": rules}).with_provenance(fragment)
 
 
 def dump_rule_set(ruleset: RuleSet, *, fmt: str = "yaml") -> str:

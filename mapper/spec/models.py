@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import (
@@ -44,6 +45,8 @@ from pydantic import (
 from mapper.errors import RuleFileError
 from mapper.expressions import parse
 from mapper.ops import ALL_OPS, OPS_BY_NAME, Op
+from mapper.ops.base import Stage
+from mapper.spec.parameters import parameters_sentence
 
 SCHEMA_VERSION = 1
 _SEMVER = r"^\d+\.\d+\.\d+(?:[-+][0-9A-Za-z.-]+)?$"
@@ -55,8 +58,9 @@ MAX_PLACEHOLDER_COMBINATIONS = 2**20  # of all integer placeholders together
 class Parameter(BaseModel):
     """A named integer the rules use: a dimension (``num_heads``, ``tp``) or a switch (``tied``).
 
-    Values come from the model config (``mapper.configs``) or the caller; ``default`` is used
-    when neither gives one, ``expr`` derives the value from other parameters.
+    Values come from the model config or the caller (``--param``); ``default`` is used when
+    neither gives one, ``expr`` derives the value from other parameters. The parameters the
+    config supplies need no declaration (``mapper rules params`` lists them).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -87,7 +91,8 @@ class Include(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    path: str = Field(description="Fragment file, relative to this file.")
+    path: str = Field(description="Fragment or rule set file, relative to this file, or a shipped one: "
+                      "`builtin:gpt-neox/tp-merge` (a fragment), `builtin:neox-to-hf-gpt-neox` (a rule set).")
     when: str | None = Field(
         None, description="Include the fragment's rules only when this expression over parameters is "
         "true, e.g. 'te_mha' or 'not te_norm and not te_layernorm_mlp'.")
@@ -145,6 +150,20 @@ def unwrap(rule: BaseModel) -> Op:
     return getattr(rule, next(iter(type(rule).model_fields)))
 
 
+@dataclass(frozen=True)
+class Override:
+    """An included rule that a rule set replaced or dropped (``rules show`` and plans show it)."""
+
+    rule: str  # the included rule's id
+    origin: str  # where that rule was written
+    by: str  # where the `replace` / `exclude` entry is (file:line)
+    replacements: tuple[str, ...] = ()  # the ids of the rules that run in its place; none: excluded
+
+    def describe(self) -> str:
+        done = f"replaced by {', '.join(self.replacements)}" if self.replacements else "excluded"
+        return f"{self.rule} ({self.origin}): {done} at {self.by}"
+
+
 class RuleSet(BaseModel):
     """A rule set (or a fragment to include in one): header, parameters, placeholders, rules."""
 
@@ -171,22 +190,49 @@ class RuleSet(BaseModel):
         "(e.g. `te_mha: true`). Listed by `mapper rules list`.",
     )
     inverted: bool = Field(False, description="True for a rule set produced by invert().")
-    parameters: dict[str, Parameter] = Field(default_factory=dict, description="Named integers.")
+    parameters: dict[str, Parameter] = Field(
+        default_factory=dict,
+        description="Named integers. The model config supplies these, so a rule file uses them without "
+        f"declaring them: {parameters_sentence()} (`mapper rules params [CHECKPOINT]` lists them with their "
+        "values); declare any other name the rules use.",
+    )
     placeholders: dict[str, Placeholder] = Field(
         default_factory=dict, description="Placeholders with a range (integers) or choices (strings)."
     )
     include: list[str | Include] = Field(
         default_factory=list,
-        description="Fragment files whose rules come first, in order (paths relative to this file); an "
-        "entry `{path: ..., when: ...}` includes a fragment only when its condition holds.",
+        description="Fragments or whole rule sets whose rules this one uses, in order: paths relative to "
+        "this file, or shipped ones by reference (`builtin:gpt-neox/tp-merge`, `builtin:neox-to-hf-gpt-neox`), "
+        "which picks up their fixes. An entry `{path: ..., when: ...}` includes it only when its condition "
+        "holds. A rule set that includes a rule set takes its source, target and variant unless it says its own.",
     )
-    rules: list[Rule] = Field(default_factory=list, description="Ordered rules; each is one op.")
+    stage: Stage | None = Field(
+        None, description="The stage of this file's own rules whose keys have no `@rank` to show theirs "
+        "(shipped fragments say theirs: names per rank `ranks`, the TP merge `merge`, the vocabulary `model`).",
+    )
+    exclude: list[str] = Field(
+        default_factory=list,
+        description="Included rules to drop, by id (`mapper rules show` lists them), or every rule a fragment "
+        "wrote, by the fragment's name.",
+    )
+    replace: dict[str, list[Rule]] = Field(  # type: ignore[valid-type]
+        default_factory=dict,
+        description="Included rules to replace: rule id (or fragment name) -> the rules that run instead, at "
+        "its place, in its stage and under its `when`.",
+    )
+    rules: list[Rule] = Field(
+        default_factory=list, description="This file's own rules, each one op. With includes, they run stage "
+        "by stage (ranks, merge, model) with the included rules, after them within a stage; a file that "
+        "includes nothing runs them in the order written.",
+    )
 
-    _origins: dict[str, str] = PrivateAttr(default_factory=dict)
+    _origins: dict[str, str] = PrivateAttr(default_factory=dict)  # rule id -> "file:line (rule n, op)"
+    _authors: dict[str, str] = PrivateAttr(default_factory=dict)  # rule id -> name of the file that wrote it
+    _overrides: list[Override] = PrivateAttr(default_factory=list)
 
     @model_validator(mode="after")
     def _header(self) -> RuleSet:
-        if self.kind != "fragment":
+        if self.kind != "fragment" and not self.include:  # an included rule set may give source and target
             missing = [f for f in ("version", "source", "target") if getattr(self, f) is None]
             if missing:
                 raise ValueError(f"a rule set needs {', '.join(missing)} (or set kind: fragment)")
@@ -231,7 +277,23 @@ class RuleSet(BaseModel):
         return self._origins.get(rule_id or "")
 
     def with_origins(self, origins: Mapping[str, str]) -> RuleSet:
-        self._origins.update(origins)
+        self._origins = {**self._origins, **origins}  # a copy shares the dict with its original
+        return self
+
+    @property
+    def overrides(self) -> list[Override]:
+        """Included rules this rule set replaced or excluded (when loaded from files)."""
+        return list(self._overrides)
+
+    def replaced_by(self, rule_id: str | None) -> Override | None:
+        """The override a rule runs for, if it replaces an included rule."""
+        return next((o for o in self._overrides if rule_id in o.replacements), None)
+
+    def with_provenance(self, other: RuleSet) -> RuleSet:
+        """Where ``other``'s rules were written and what it overrode, kept on this (derived) rule set."""
+        self._origins = {**self._origins, **other._origins}
+        self._authors = {**self._authors, **other._authors}
+        self._overrides = list(other._overrides)
         return self
 
     # --- parameters ----------------------------------------------------------------------
@@ -303,7 +365,7 @@ class RuleSet(BaseModel):
         ``invert(invert(r)) == r`` for every flattened rule set. Fragments must be resolved
         first (``mapper.load_rules`` does that).
         """
-        if self.include:
+        if self.include or self.replace or self.exclude:
             raise RuleFileError(
                 f"rule set {self.name!r} still has includes; load it with mapper.load_rules() to "
                 "resolve them before inverting"
@@ -316,7 +378,7 @@ class RuleSet(BaseModel):
                 "rules": [wrap(op.inverse()) for op in reversed(self.ops)],
             }
         )
-        return inverted.with_origins(self._origins)
+        return inverted.with_provenance(self)
 
     def to_data(self) -> dict[str, Any]:
         """Plain data (as a rule file would hold it): dump to YAML or JSON and load back equal."""

@@ -44,7 +44,7 @@ def rule_format_reference() -> str:
     lines = ["#### Rule set header", "", *_fields_table(schema), ""]
     for name in ("Parameter", "Restore"):
         lines += [f"#### {name}", "", _description(defs[name]), "", *_fields_table(defs[name]), ""]
-    common = {"id", "when", "optional", "note"}
+    common = {"id", "when", "optional", "note", "stage"}
     ops = []
     for ref in _rule_refs(schema):
         ((op_name, spec),) = defs[ref["$ref"].split("/")[-1]]["properties"].items()

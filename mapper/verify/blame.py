@@ -6,7 +6,8 @@ or combines values (``split``/``unflatten``/``flatten``/``transpose``, a ``fuse`
 picks one replica, ``affine``, ``slice``/``pad``) above one that concatenates shards, above a plain
 ``rename``; a rule with a ``when`` condition (its choice depends on a setting) above one without;
 rules that produced weights above those that produced only biases; ties keep the rule set's order.
-Rules of the branch that was found to differ (attention or MLP) come before the others. Wrong
+Rules of the branch that was found to differ (attention or MLP) come before the others, and among
+them a user's own rules (written outside mapper's shipped rules, which every test runs) first. Wrong
 config.json fields come before every rule.
 """
 
@@ -17,6 +18,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from mapper.engine.plan import fold_ranks
+from mapper.resources import rules_dir
 from mapper.verify.report import Blame, PointComparison, RuleRef
 from mapper.verify.settings import SettingCheck
 
@@ -71,11 +73,14 @@ def rank_rules(plan: Any, keys: Sequence[str], first: Sequence[str] = ()) -> lis
     leading = set(plan.rules_for([k for k in first if k in plan.targets]))
     weights = set(plan.rules_for([k for k in known if not k.endswith(".bias")]))
 
-    def score(rule: str) -> tuple[int, int, int, int, int]:
+    shipped = str(rules_dir().resolve())
+
+    def score(rule: str) -> tuple[int, int, int, int, int, int]:
         index, op = ops.get(rule, (len(ops), None))
         kind = _op_kind(op) if op is not None else "rename"
         conditional = int(bool(getattr(op, "when", None)))
-        return (-int(rule in leading), -_DECISIVE.get(kind, 1), -conditional, -int(rule in weights), index)
+        own = int(not (plan.ruleset.origin(rule) or "").startswith(shipped))  # a user's rule: newer, less tried
+        return (-int(rule in leading), -own, -_DECISIVE.get(kind, 1), -conditional, -int(rule in weights), index)
 
     ranked = sorted(plan.rules_for(known), key=score)
     refs = []

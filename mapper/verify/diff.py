@@ -40,8 +40,59 @@ class TensorDiff:
 
 
 @dataclass
+class DiffGroup:
+    """Rows of one status whose keys fold into one pattern (what the command line prints)."""
+
+    pattern: str
+    status: Status
+    rows: list[TensorDiff]
+
+    @property
+    def meta(self) -> str:
+        return _one_or_many([str(r.a or r.b) for r in self.rows])
+
+    @property
+    def meta_a(self) -> str:
+        return _one_or_many([str(r.a) if r.a else "-" for r in self.rows])
+
+    @property
+    def meta_b(self) -> str:
+        return _one_or_many([str(r.b) if r.b else "-" for r in self.rows])
+
+    @property
+    def max_abs(self) -> float | None:
+        found = [r.max_abs for r in self.rows if r.max_abs is not None]
+        return max(found) if found else None
+
+
+def _one_or_many(values: list[str]) -> str:
+    distinct = list(dict.fromkeys(values))
+    return distinct[0] if len(distinct) == 1 else f"{len(distinct)} kinds, e.g. {distinct[0]}"
+
+
+@dataclass
 class DiffReport:
     rows: list[TensorDiff] = field(default_factory=list)
+
+    def groups(self, *, show_equal: bool = False) -> list[DiffGroup]:
+        """The rows by status, each status's keys folded into patterns (``mapper.keyfold``)."""
+        from mapper.keyfold import fold_keys
+
+        by_status: dict[Status, dict[str, TensorDiff]] = {}
+        for row in self.rows:
+            if row.status != "equal" or show_equal:
+                by_status.setdefault(row.status, {})[row.key] = row
+        return [DiffGroup(pattern, status, [rows[k] for k in keys])
+                for status, rows in by_status.items() for pattern, keys in fold_keys(list(rows))]
+
+    @property
+    def key_spaces_differ(self) -> bool:
+        """Most keys of one side are missing from the other: A and B name tensors differently
+        (a NeoX checkpoint against an HF folder), so a key-by-key comparison says little."""
+        counts = self.counts()
+        only_a, only_b = counts.get("only in A", 0), counts.get("only in B", 0)
+        common = len(self.rows) - only_a - only_b
+        return common < max(only_a, only_b)
 
     @property
     def ok(self) -> bool:

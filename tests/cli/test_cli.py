@@ -16,6 +16,7 @@ from mapper.testing import synthesize_variant, write_neox_checkpoint
 COMMANDS = [
     [], ["convert"], ["finalize"], ["plan"], ["detect"], ["verify"], ["roundtrip"], ["diff"], ["demo"],
     ["rules"], ["rules", "list"], ["rules", "show"], ["rules", "validate"], ["rules", "schema"], ["rules", "new"],
+    ["rules", "params"],
 ]
 
 
@@ -161,3 +162,78 @@ def test_diff_maps_a_checkpoint_through_a_rule_set(te_checkpoint, tmp_path, caps
     assert code == 0 and report["counts"] == {"equal": 27}
     code, out, _ = run(capsys, "diff", str(te_checkpoint), str(tmp_path / "hf"), "--rules", "neox-te-mha-to-hf-gpt-neox")
     assert code == 2  # that rule set does not fit the checkpoint: bad input, not a difference
+
+
+def test_rules_new_writes_one_file_that_includes_its_base_by_reference(tmp_path, capsys):
+    folder = tmp_path / "my-rules"
+    code, _, _ = run(capsys, "rules", "new", "first", "--from", "neox-to-hf-gpt-neox", "--out", str(folder))
+    assert code == 0 and [p.name for p in folder.iterdir()] == ["first.yaml"]
+    assert "include: [builtin:neox-to-hf-gpt-neox]" in (folder / "first.yaml").read_text()
+    # a second rule set in the same folder, from the first one's file
+    code, _, _ = run(capsys, "rules", "new", "second", "--from", str(folder / "first.yaml"), "--out", str(folder))
+    assert code == 0 and sorted(p.name for p in folder.iterdir()) == ["first.yaml", "second.yaml"]
+    assert "include: [first.yaml]" in (folder / "second.yaml").read_text()
+    code, out, _ = run(capsys, "rules", "show", str(folder / "second.yaml"))
+    assert code == 0 and "gpt-neox-tp-merge#0" in out and "stage merge" in out
+    code, _, err = run(capsys, "rules", "new", "third", "--from", "neox-to-hf-gpt-neo", "--out", str(folder))
+    assert code == 2 and "did you mean neox-to-hf-gpt-neox" in err
+    code, _, err = run(capsys, "rules", "new", "third", "--from", "builtin:gpt-neox/tp-merge", "--out", str(folder))
+    assert code == 2 and "is a fragment" in err
+
+
+def test_rules_params_lists_what_the_config_supplies_with_values_for_a_checkpoint(te_checkpoint, capsys):
+    code, out, _ = run(capsys, "rules", "params", "--json")
+    listed = {row["name"]: row for row in json.loads(out)}
+    assert code == 0 and {"num_layers", "hidden_size", "head_dim", "te_mha", "trim_vocab"} <= set(listed)
+    assert all(row["value"] is None and row["meaning"] for row in listed.values())
+    code, out, _ = run(capsys, "rules", "params", str(te_checkpoint), "--json")
+    values = {row["name"]: row["value"] for row in json.loads(out)}
+    assert code == 0 and values["head_dim"] == 16 and values["tp"] == 2 and values["te_mha"] == 1
+
+
+def test_plan_says_each_problem_once_per_pattern_and_json_keeps_every_key(tmp_path, capsys):
+    config, tensors = synthesize_variant("te-full", tp=2)
+    for key in [k for k in tensors if ".attention.qkv.weight" in k]:  # an unknown layout of Q, K, V
+        tensors[key.replace("qkv.weight", "qkv.query_weight")] = tensors.pop(key)
+    neox = write_neox_checkpoint(tensors, config, tmp_path / "neox")
+    code, out, err = run(capsys, "plan", str(neox), "--rules", "neox-to-hf-gpt-neox")
+    assert code == 2 and out == ""
+    assert err.count("layer_*.attention.qkv.query_weight@rank*") == 1 and "no rule consumes this tensor" in err
+    assert err.count("the rule set does not fit") == 1 and "listed above" in err  # said once, not twice
+    code, out, _ = run(capsys, "plan", str(neox), "--rules", "neox-to-hf-gpt-neox", "--json")
+    report = json.loads(out)
+    assert code == 2 and report["ok"] is False and report["problems"] == 4
+    (unconsumed,) = [g for g in report["groups"] if g["message"] == "no rule consumes this tensor"]
+    assert unconsumed["count"] == 4 and len(unconsumed["keys"]) == 4
+
+
+def test_plan_rows_name_the_rule_of_each_step_and_what_it_replaces(te_checkpoint, tmp_path, capsys):
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("schema_version: 1\nname: mine\nversion: 0.1.0\ndescription: d\n"
+                    "include: [builtin:neox-to-hf-gpt-neox]\nreplace:\n  gpt-neox-names-attention-te#1:\n"
+                    '    - rename: {from: "layer_{i+2:02d}.attention.proj.{wb}@rank{r}", '
+                    'to: "gpt_neox.layers.{i}.attention.dense.{wb}@rank{r}"}\n')
+    code, out, _ = run(capsys, "plan", str(te_checkpoint), "--rules", str(mine), "--json")
+    rows = {row["target"]: row for row in json.loads(out)["tensors"]}
+    steps = rows["gpt_neox.layers.0.attention.dense.weight"]["steps"]
+    assert code == 0 and [s["rule"] for s in steps] == ["mine#0", "gpt-neox-tp-merge#1"]
+    assert steps[0]["replaces"] == "gpt-neox-names-attention-te#1" and steps[0]["stage"] == "ranks"
+    code, out, _ = run(capsys, "plan", str(te_checkpoint), "--rules", str(mine))
+    flat = " ".join(out.replace("│", " ").split())
+    assert code == 0 and "replaces gpt-neox-names-attention-te#1" in flat and "override: gpt-neox-names-attention-te#1" in flat
+    code, out, _ = run(capsys, "plan", str(te_checkpoint), "--rules", str(mine), "-q")
+    assert code == 0 and len(out.splitlines()) == 1 and "peak memory" in out
+
+
+def test_roundtrip_and_diff_print_one_row_per_pattern_and_quiet_prints_the_verdict(te_checkpoint, tmp_path, capsys):
+    code, out, _ = run(capsys, "roundtrip", str(te_checkpoint))
+    assert code == 0 and "layer_*.mlp.fc*_{bias,weight}@rank*" in out and "layer_02.mlp.fc1_weight@rank0" not in out
+    code, out, _ = run(capsys, "roundtrip", str(te_checkpoint), "-q")
+    assert code == 0 and out.strip() == "exact: 78 equal"
+    run(capsys, "convert", str(te_checkpoint), str(tmp_path / "hf"), "-q")
+    code, out, err = run(capsys, "diff", str(te_checkpoint), str(tmp_path / "hf"))
+    assert code == 1 and "only in A" in out and out.count("\n") < 40
+    assert "--rules" in err and "mapper detect" in err  # the key spaces differ: compare through the rule set
+    code, out, _ = run(capsys, "diff", str(te_checkpoint), str(tmp_path / "hf"), "--json")
+    report = json.loads(out)
+    assert len(report["tensors"]) == 78 + 27 and "--rules" in report["suggestion"]

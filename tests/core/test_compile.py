@@ -86,7 +86,7 @@ def test_all_problems_are_reported_together_with_the_nearest_rule(rules):
     assert "layer_02.mlp.fc1_weight@rank0: no rule consumes this tensor" in text
     assert "nearest rule" in text
     assert "cannot concatenate bfloat16[4, 2] and bfloat16[5, 2]" in text
-    assert "rule tp-merge#1 at tp-merge.yaml:14" in text
+    assert "tp-merge.yaml:14 (rule 1, fuse) [tp-merge#1]: layers.0.dense.weight: fuse: cannot" in text  # the place to edit first
 
 
 def test_a_whole_missing_layer_is_found(rules):
@@ -97,8 +97,11 @@ def test_a_whole_missing_layer_is_found(rules):
 def test_keys_beyond_a_placeholder_range_are_not_consumed(rules):
     with pytest.raises(CompileError) as caught:
         mapper.compile(rules, manifest(layers=3), {"num_layers": 2})
-    assert "layer_04.qkv.weight@rank0: no rule consumes this tensor" in str(caught.value)
-    assert "out of its range" in str(caught.value)
+    unconsumed = [p.key for p in caught.value.problems if p.message == "no rule consumes this tensor"]
+    assert len(unconsumed) == 10 and all(key.startswith("layer_04.") for key in unconsumed)
+    text = str(caught.value)  # said once per pattern, not once per key
+    assert "layer_04.qkv.{bias,weight}@rank*: no rule consumes this tensor (4 tensors, e.g. layer_04.qkv.weight@rank0)" in text
+    assert "nearest rule: tp-merge#0 fuse 'layer_{i+2:02d}.qkv.{wb}@rank{r}' (it matches, but a placeholder is out of its range)" in text
 
 
 def test_a_rule_that_matches_nothing_is_an_error_unless_optional(rules):
@@ -126,8 +129,9 @@ def test_expected_targets_and_shapes_are_checked(rules):
 def test_a_key_produced_twice_is_an_error(rules):
     text = RULES + '  - rename: {from: "extra.{i}", to: "layers.{i}.qkv.weight"}\n'
     m = {**manifest(), "extra.0": TensorMeta((1,), torch.float32), "extra.1": TensorMeta((1,), torch.float32)}
-    with pytest.raises(CompileError, match="layers.0.qkv.weight: produced twice"):
+    with pytest.raises(CompileError, match=r"\[tp-merge#6\]: layers.\*.qkv.weight: produced twice") as caught:
         mapper.compile(load_rule_text(text), m, {"num_layers": 2})
+    assert [p.key for p in caught.value.problems] == ["layers.0.qkv.weight", "layers.1.qkv.weight"]
 
 
 def test_the_inverse_of_a_lossy_op_without_sidecar_or_default_is_refused_before_reading():
