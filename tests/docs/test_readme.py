@@ -151,3 +151,28 @@ def test_the_new_key_layout_walk_through_works(tmp_path, capsys):
     assert run_cli("diff", str(checkpoints), str(tmp_path / "back")) == 0
     assert run_cli("rules", "params", str(checkpoints)) == 0
     assert re.search(r"head_dim\s*│\s*16\s*│", capsys.readouterr().out)
+
+
+def _commands(section: str) -> list[list[str]]:
+    block = re.search(r"```sh\n(.*?)```", section, re.S).group(1)
+    return [line.split("#")[0].split() for line in block.splitlines() if line.strip()]
+
+
+def test_the_reshard_and_master_weight_walk_throughs_run(tmp_path):
+    from mapper.formats import NeoXCheckpoint
+    from mapper.testing.zero import write_zero_run
+
+    run = write_zero_run("llama-te", tmp_path / "checkpoints", tp=2, dp=2, num_heads=8, num_kv_heads=4)
+    for title in ("## Walk-through: another TP degree or layout", "## Walk-through: the fp32 master weights"):
+        section = README.split(title, 1)[1].split("\n## ", 1)[0]
+        for command in _commands(section):
+            assert command[0] == "mapper"
+            args = [arg.replace("checkpoints", str(tmp_path / "checkpoints")).replace("hf-model-fp32/", f"{tmp_path}/hf32/")
+                    for arg in command[1:]]
+            assert run_cli(*args) == 0, command
+    with NeoXCheckpoint(tmp_path / "checkpoints-tp2") as back, NeoXCheckpoint(run.root) as original:
+        assert back.tp == 2 and back.layout == "sequential"
+        not_carried = set(original.manifest()) - set(back.manifest())  # the stale norm, as the README says
+        assert not_carried and all(".post_attention_layernorm." in k for k in not_carried)
+    with NeoXCheckpoint(tmp_path / "checkpoints-tp1") as masters:
+        assert masters.tp == 1 and all(masters.get(k).dtype.is_floating_point for k in masters.manifest() if "weight" in k)
