@@ -10,7 +10,7 @@ The library in five names::
     mapper.convert_checkpoint("checkpoints/", "hf-out/")      # folders: detect, convert, write
 """
 
-__version__ = "0.1.0"  # first: modules below read it
+from mapper.version import __version__
 
 from mapper.checkpoints import convert_checkpoint
 from mapper.convert import Conversion, compile, convert

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mapper import __version__
+from mapper.version import __version__
 from mapper.checkpoints.hf_side import HFDescription, describe_hf, hf_output_config, read_sidecar
 from mapper.checkpoints.neox_side import HISTORY_SETTINGS, choose_rules, describe_neox, neox_yaml_for
 from mapper.checkpoints.options import ConversionOptions, Direction, options as make_options

@@ -109,10 +109,11 @@ def describe_hf(
     files = list(config_files) or ([saved_yaml] if saved_yaml is not None else [])
     raw = dict(load_neox_yaml(files)) if files else {}
     if raw:
-        divisible_by = raw.get("make_vocab_size_divisible_by", 128)
+        divisible_by = raw.get("make_vocab_size_divisible_by")
+        if not isinstance(divisible_by, int) or isinstance(divisible_by, bool) or divisible_by < 1:
+            divisible_by = NeoXModelConfig.default("make_vocab_size_divisible_by")
         raw = {**raw, "model_parallel_size": out_tp}
-        model = NeoXModelConfig.from_neox_yaml(
-            raw, tp=out_tp, padded_vocab_size=pad_vocab_size(hf_vocab, divisible_by if isinstance(divisible_by, int) else 128, out_tp))
+        model = NeoXModelConfig.from_neox_yaml(raw, tp=out_tp, padded_vocab_size=pad_vocab_size(hf_vocab, divisible_by, out_tp))
     else:
         model = NeoXModelConfig.from_hf_config(config, tp=out_tp)
     _check_layer_count(source, model)

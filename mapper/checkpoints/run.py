@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from mapper import __version__
+from mapper.version import __version__
 from mapper.checkpoints.conversion import Prepared, prepare
 from mapper.engine import ExecutionReport, execute
 from mapper.errors import MapperError

@@ -220,7 +220,8 @@ def model_from_hf_config(config: Mapping[str, Any], *, tp: int = 1) -> NeoXModel
     if "tie_word_embeddings" not in config:
         values["no_weight_tying"] = not spec.defaults.get("tie_word_embeddings", False)
     vocab = config["vocab_size"]
-    divisible_by = 128 if isinstance(vocab, int) and vocab % (128 * tp) == 0 else 1
+    neox_default = NeoXModelConfig.default("make_vocab_size_divisible_by")  # what NeoX would have padded to
+    divisible_by = neox_default if isinstance(vocab, int) and vocab % (neox_default * tp) == 0 else 1
     values.update(
         vocab_size=pad_vocab_size(vocab, divisible_by, tp) if isinstance(vocab, int) else vocab,
         orig_vocab_size=vocab,
@@ -298,7 +299,7 @@ def _hf_rope(config: Mapping[str, Any], spec: HFTarget) -> dict[str, Any]:
     if kind != "default":
         raise MapperError(f"rope_type {kind!r}: NeoX implements plain rotary only",
                           where="config.json: rope_parameters", hint="mapper converts models with default rotary only")
-    theta = rope.get("rope_theta", config.get("rope_theta", config.get("rotary_emb_base", 10000.0)))
+    theta = rope.get("rope_theta", config.get("rope_theta", config.get("rotary_emb_base", NeoXModelConfig.default("rotary_emb_base"))))
     pct = rope.get("partial_rotary_factor", config.get("partial_rotary_factor",
                                                        config.get("rotary_pct", spec.defaults.get("partial_rotary_factor"))))
     return {"rope_theta": float(theta) if isinstance(theta, int) and not isinstance(theta, bool) else theta,

@@ -161,6 +161,11 @@ class NeoXModelConfig(BaseModel):
         description="NeoX's own RMSNorm: `current` = x * rsqrt(mean(x^2) + eps) (gpt-neox #1345, "
         "2025-05-09, onwards, and every TE norm); `pre-1345` = x / (rms(x) + eps).")
 
+    @classmethod
+    def default(cls, name: str) -> Any:
+        """NeoX's default for a setting (one home for every default: the field itself)."""
+        return cls.model_fields[name].default
+
     @model_validator(mode="after")
     def _check(self) -> NeoXModelConfig:
         problems = []

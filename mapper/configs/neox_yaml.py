@@ -187,8 +187,9 @@ def model_from_neox_yaml(
     if padded_vocab_size is not None:
         values["vocab_size"] = padded_vocab_size
     elif "vocab_size" not in values and isinstance(orig_vocab, int):
-        values["vocab_size"] = pad_vocab_size(orig_vocab, _int_or(values.get("make_vocab_size_divisible_by"), 128),
-                                              _int_or(values.get("tp"), 1))
+        values["vocab_size"] = pad_vocab_size(
+            orig_vocab, _int_or(values.get("make_vocab_size_divisible_by"), NeoXModelConfig.default("make_vocab_size_divisible_by")),
+            _int_or(values.get("tp"), NeoXModelConfig.default("tp")))
     if "vocab_size" not in values:
         raise MapperError(
             "the NeoX config does not say how large the (padded) vocabulary is", where="config: padded-vocab-size",

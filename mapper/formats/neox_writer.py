@@ -46,7 +46,7 @@ from typing import Any
 import torch
 import yaml
 
-import mapper
+from mapper.version import __version__
 from mapper.errors import ConversionError, MapperError
 from mapper.formats.naming import layer_file_name, mp_rank_file_name, natural_key, parse_neox_key
 from mapper.formats.output import AtomicFile, Cancelled, write_bytes_atomic
@@ -96,7 +96,7 @@ def mp_rank_state(tp: int, iteration: int) -> dict[str, Any]:
         "dp_world_size": 1,
         "mp_world_size": tp,
         "iteration": iteration,
-        "mapper": {"version": mapper.__version__, "load_with": LOAD_WITH},
+        "mapper": {"version": __version__, "load_with": LOAD_WITH},
     }
 
 

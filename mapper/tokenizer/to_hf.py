@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mapper.configs.model import NeoXModelConfig
 from mapper.errors import MapperError
 from mapper.tokenizer import neox_types
 from mapper.tokenizer.locate import locate, looked_in, search_dirs
@@ -294,7 +295,8 @@ def _check_rows(plan: TokenizerPlan, rows: int, yaml: Mapping[str, Any]) -> None
             f"least {needed} rows",
         )
     if needed < rows:
-        multiple = int(yaml.get("make_vocab_size_divisible_by") or 128) * int(yaml.get("model_parallel_size") or 1)
+        multiple = (int(yaml.get("make_vocab_size_divisible_by") or NeoXModelConfig.default("make_vocab_size_divisible_by"))
+                    * int(yaml.get("model_parallel_size") or 1))
         counted = min(max(plan.neox_vocab_size or needed, needed), rows)
         parts = []
         if counted > needed:
