@@ -57,9 +57,27 @@ def flat(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.contiguous().view(-1)
 
 
+def pairs(x: torch.Tensor, out: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Matching blocks of ``x`` and ``out`` (contiguous, same shape), about :data:`BLOCK` elements
+    each: runs of the flat elements, or for a strided ``x`` (a dim-1 tensor-parallel shard) blocks
+    of whole rows read where they are, so a strided input is never copied whole."""
+    row = math.prod(x.shape[1:]) if x.dim() >= 2 else 0
+    if x.is_contiguous() or not 0 < row <= BLOCK:
+        source, target = flat(x), out.view(-1)
+        for b in blocks(source.numel()):
+            yield source[b], target[b]
+        return
+    rows = max(1, BLOCK // row)
+    for start in range(0, x.shape[0], rows):
+        yield x[start : start + rows], out[start : start + rows]
+
+
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Equal bytes (NaN payloads and the sign of zero included); both 1-d and contiguous."""
-    return a.numel() == 0 or torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+    """Equal bits (NaN payloads and the sign of zero included), for tensors of one shape and dtype."""
+    if a.numel() == 0:
+        return True
+    as_int = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+    return torch.equal(a.view(as_int), b.view(as_int))
 
 
 def affine(
@@ -68,30 +86,30 @@ def affine(
     """``x * scale + offset`` (``invert``: ``(x - offset) / scale``) in ``x``'s dtype, and whether
     the opposite map gives ``x`` back bit for bit (only computed with ``check``; else True)."""
     out = torch.empty(x.shape, dtype=x.dtype)
-    source, target = flat(x), out.view(-1)
     exact = True
+    size = min(BLOCK, x.numel())  # the largest block pairs() makes
     if offset == 0 and _in_dtype(scale, x.dtype):
         factor = 1 / scale if invert else scale
-        scratch = torch.empty(min(BLOCK, source.numel()), dtype=x.dtype) if check else None
-        for b in blocks(source.numel()):
-            torch.mul(source[b], factor, out=target[b])
+        scratch = torch.empty(size, dtype=x.dtype) if check else None
+        for source, target in pairs(x, out):
+            torch.mul(source, factor, out=target)
             if check and exact:
-                exact = _power_of_two_exact(source[b], target[b], factor, scratch)
+                exact = _power_of_two_exact(source, target, factor, scratch)
         return out, exact
-    wide = torch.empty(min(BLOCK, source.numel()), dtype=torch.float64)
-    back = torch.empty(min(BLOCK, source.numel()), dtype=x.dtype) if check else None
-    for b in blocks(source.numel()):
-        w = wide[: b.stop - b.start]
-        w.copy_(source[b])
+    wide = torch.empty(size, dtype=torch.float64)
+    back = torch.empty(size, dtype=x.dtype) if check else None
+    for source, target in pairs(x, out):
+        w = wide[: source.numel()].view(source.shape)
+        w.copy_(source)
         _forward(w, scale, offset, invert)
-        target[b].copy_(w)
+        target.copy_(w)
         if check and exact:
             assert back is not None
-            w.copy_(target[b])
+            w.copy_(target)
             _forward(w, scale, offset, not invert)
-            r = back[: b.stop - b.start]
+            r = back[: source.numel()].view(source.shape)
             r.copy_(w)
-            exact = same_bits(r, source[b])
+            exact = same_bits(r, source)
     return out, exact
 
 
@@ -115,7 +133,7 @@ def _power_of_two_exact(x: torch.Tensor, y: torch.Tensor, factor: float, scratch
         if largest * abs(factor) <= torch.finfo(x.dtype).max:  # False for NaN and inf
             return True
     assert scratch is not None
-    back = scratch[: x.numel()]
+    back = scratch[: x.numel()].view(x.shape)
     torch.mul(y, 1 / factor, out=back)
     return same_bits(back, x)
 

@@ -113,11 +113,17 @@ def test_other_scales_and_offsets_give_the_float64_bits_a_block_at_a_time(
         assert exact == bool(round_trips(x, scale, offset, invert).all())
 
 
-def test_a_strided_input_gives_a_contiguous_result_of_its_shape() -> None:
+@pytest.mark.parametrize("block", [2, 7, 1 << 18])  # smaller than a row, a few rows, all of it
+def test_a_strided_input_gives_a_contiguous_result_of_its_shape(monkeypatch: pytest.MonkeyPatch, block: int) -> None:
+    monkeypatch.setattr(arith, "BLOCK", block)
     x = torch.randn(6, 8).to(torch.bfloat16)
-    y, exact = arith.affine(x[:, 2:5], 2, 0.0, check=True)
-    assert y.is_contiguous() and y.shape == (6, 3) and exact
-    assert torch.equal(y, x[:, 2:5] * 2)
+    x[5, 4] = torch.finfo(torch.bfloat16).max
+    for scale, offset in ((2, 0.0), (0.5, 0.0), (3, 1.0)):
+        for invert in (False, True):
+            y, exact = arith.affine(x[:, 2:5], scale, offset, invert=invert, check=True)
+            assert y.is_contiguous() and y.shape == (6, 3)
+            assert torch.equal(bits(y), bits(float64_way(x[:, 2:5], scale, offset, invert)))
+            assert exact == bool(round_trips(x[:, 2:5], scale, offset, invert).all())
 
 
 def test_the_inexact_block_is_found_whichever_block_it_is_in(monkeypatch: pytest.MonkeyPatch) -> None:
