@@ -46,12 +46,15 @@ class _Recorder:
     """A write-only, seekable file that keeps what is written and where torch skipped ahead."""
 
     def __init__(self) -> None:
-        self.pieces: list[bytes | int] = []  # bytes written, or the size of a hole
+        self.pieces: list[bytes | int] = []  # runs of bytes written, or the size of a hole
         self.position = 0
 
     def write(self, data: Any) -> int:
         chunk = bytes(data)
-        self.pieces.append(chunk)
+        if self.pieces and isinstance(self.pieces[-1], bytes):  # one write(2) per run of bytes
+            self.pieces[-1] += chunk
+        else:
+            self.pieces.append(chunk)
         self.position += len(chunk)
         return len(chunk)
 
