@@ -213,3 +213,19 @@ def test_neox_writer_streams_its_own_copy_of_a_group_and_frees_each_tensor(tmp_p
     del tensors, given
     gc.collect()
     assert alive() is None
+
+
+def test_the_writers_give_freed_heap_memory_back_after_each_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """glibc keeps freed blocks in its heaps: without a trim after each file the resident set crept
+    up with every file written (measured: +30 MB per 200 MB shard)."""
+    import mapper.formats.writing as writing
+
+    trims: list[int] = []
+    monkeypatch.setattr(writing, "give_back_freed_memory", lambda: trims.append(1))
+    tensors = {f"layer_0{i}.w@rank0": torch.randn(64) for i in range(2, 5)}
+    writer = NeoXWriter(tmp_path / "neox", yaml_config=None, tp=1)
+    groups = writer.groups({key: TensorMeta.of(t) for key, t in tensors.items()})
+    for index, group in enumerate(groups):
+        writer.write_group(index, {key: tensors[key] for key in group})
+    writer.finalize()
+    assert len(trims) == len(groups) == 3
