@@ -156,14 +156,18 @@ class DictSink:
         self.tensors.update(tensors)
 
 
+CHUNK_BYTES = 16 << 20  # the reused buffer of a streamed concatenation or strided view
+
+
 class LazyConcat:
     """``torch.cat(parts, dim)``, not made yet: the tensor-parallel merge of most weights.
 
     Concatenating shards into fresh memory only to write the result out costs a copy and a page
-    fault per page. A sink that sets ``writes_lazy = True`` (the HF writer) streams the parts
-    instead: along dim 0 each part's bytes in turn, straight from the source's memory map; along
-    another dim a block of rows at a time through one reused buffer. Everything else gets a real
-    tensor from :func:`materialize`.
+    fault per page. The engine hands a sink that sets ``writes_lazy = True`` (both writers) this
+    instead of the result of a node that only concatenates (``Op.concat_dim``); the writer streams
+    the parts (:func:`byte_chunks`): along dim 0 each part's bytes in turn, straight from the
+    source's memory map or file; along another dim a block of rows at a time through one reused
+    buffer. Everything else gets a real tensor from :func:`materialize`.
     """
 
     def __init__(self, parts: list[torch.Tensor], dim: int):
@@ -184,18 +188,17 @@ class LazyConcat:
     def materialize(self) -> torch.Tensor:
         return torch.cat(self.parts, dim=self.dim)
 
-    def chunks(self, buffer_bytes: int = 64 << 20) -> Iterator[torch.Tensor]:
+    def chunks(self, buffer_bytes: int = CHUNK_BYTES) -> Iterator[torch.Tensor]:
         """Contiguous tensors whose bytes, in order, are the concatenation's bytes.
 
         A chunk may be a reused buffer: consume each before asking for the next.
         """
         if math.prod(self.shape[: self.dim]) == 1:  # dim 0 (or leading 1s): parts follow each other
             for part in self.parts:
-                yield part.contiguous()
+                yield from byte_chunks(part, buffer_bytes)
             return
         rows = self.shape[0]
-        row_bytes = max(self.nbytes // max(rows, 1), 1)
-        block = max(1, min(rows, buffer_bytes // row_bytes))
+        block = _rows_per_block(self.shape, self.dtype, buffer_bytes)
         buffer = torch.empty((block, *self.shape[1:]), dtype=self.dtype)
         for start in range(0, rows, block):
             stop = min(rows, start + block)
@@ -204,7 +207,47 @@ class LazyConcat:
             yield out
 
 
+
+def _rows_per_block(shape: torch.Size, dtype: torch.dtype, buffer_bytes: int) -> int:
+    rows = shape[0]
+    row_bytes = max(math.prod(shape[1:]) * torch.empty((), dtype=dtype).element_size(), 1)
+    return max(1, min(rows, buffer_bytes // row_bytes))
+
+
+def byte_chunks(value: torch.Tensor | LazyConcat, buffer_bytes: int = CHUNK_BYTES) -> Iterator[torch.Tensor]:
+    """Contiguous CPU tensors whose bytes, in order, are ``value``'s bytes in C order.
+
+    A contiguous tensor is its own (only) chunk, so a writer can still tell where its bytes lie
+    (:mod:`mapper.formats.file_ranges`); a strided view (a dim-1 split, a transpose) is copied a
+    block of rows at a time through one reused buffer, never whole. A chunk may be that buffer:
+    consume each before asking for the next.
+    """
+    if isinstance(value, LazyConcat):
+        yield from value.chunks(buffer_bytes)
+        return
+    t = value.detach() if value.requires_grad else value  # the same object: a reader may know it
+    if t.device.type != "cpu":
+        t = t.cpu()
+    if t.is_contiguous() or t.dim() == 0:
+        yield t.contiguous()
+        return
+    if t.dim() == 1:
+        block = max(1, buffer_bytes // max(t.element_size(), 1))
+        buffer = torch.empty(min(block, t.shape[0]), dtype=t.dtype)
+        for start in range(0, t.shape[0], block):
+            out = buffer[: min(t.shape[0], start + block) - start]
+            out.copy_(t[start : start + out.shape[0]])
+            yield out
+        return
+    block = _rows_per_block(t.shape, t.dtype, buffer_bytes)
+    buffer = torch.empty((block, *t.shape[1:]), dtype=t.dtype)
+    for start in range(0, t.shape[0], block):
+        stop = min(t.shape[0], start + block)
+        out = buffer[: stop - start]
+        out.copy_(t[start:stop])
+        yield out
+
+
 def materialize(value: torch.Tensor | LazyConcat) -> torch.Tensor:
     """A real tensor for a value that may be a :class:`LazyConcat`."""
     return value.materialize() if isinstance(value, LazyConcat) else value
-

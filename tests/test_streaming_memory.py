@@ -4,7 +4,7 @@ Small-scale, timing-free companion of ``benchmarks/convert_bench.py``: a TE chec
 te_layernorm_mlp, TP=2, pipeline files) of 4 and of 8 layers is converted to HF with shards of
 about one layer. Checked: the engine's high-water mark (``report.peak_live_bytes``) stays within
 2x the largest group and is the same at 4 and 8 layers; the reader lets go of each layer file's
-memory map once its tensors were used (so touched pages leave the process); the HF writer frees
+memory map once its tensors were used (so touched pages leave the process); both writers free
 each tensor as soon as it is written, without touching the caller's dict.
 """
 
@@ -21,6 +21,7 @@ import torch
 from mapper.checkpoints import convert_checkpoint, prepare
 from mapper.formats.hf_writer import HFWriter
 from mapper.formats.naming import parse_neox_key
+from mapper.formats.neox_writer import NeoXWriter
 from mapper.formats.safetensors_io import write_safetensors
 from mapper.formats.writing import WRITER_THREADS
 from mapper.tensors import TensorMeta
@@ -193,3 +194,38 @@ def test_hf_writer_consumes_its_own_copy_of_a_group(tmp_path: Path, monkeypatch:
     del tensors, given
     gc.collect()
     assert all(ref() is None for ref in alive.values())  # and nothing in the writer keeps them
+
+
+def test_neox_writer_streams_its_own_copy_of_a_group_and_frees_each_tensor(tmp_path: Path) -> None:
+    """No tensor is copied to own its storage before writing (the .pt bytes are streamed in), and
+    none is kept once written."""
+    big = torch.randn(256, 128)
+    tensors = {"layer_02.w@rank0": big[:, :64], "layer_02.b@rank0": big[3], "layer_02.x@rank0": torch.randn(128)}
+    writer = NeoXWriter(tmp_path / "neox", yaml_config=None, tp=1, background=True)
+    (group,) = writer.groups({key: TensorMeta.of(t) for key, t in tensors.items()})
+    given = dict(tensors)
+    alive = weakref.ref(tensors["layer_02.x@rank0"])
+    writer.write_group(0, given)
+    writer.finalize()
+    assert given.keys() == set(group)
+    loaded = torch.load(tmp_path / "neox" / "global_step0" / "layer_02-model_00-model_states.pt", weights_only=True)
+    assert torch.equal(loaded["w"], big[:, :64]) and torch.equal(loaded["b"], big[3])
+    del tensors, given
+    gc.collect()
+    assert alive() is None
+
+
+def test_the_writers_give_freed_heap_memory_back_after_each_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """glibc keeps freed blocks in its heaps: without a trim after each file the resident set crept
+    up with every file written (measured: +30 MB per 200 MB shard)."""
+    import mapper.formats.writing as writing
+
+    trims: list[int] = []
+    monkeypatch.setattr(writing, "give_back_freed_memory", lambda: trims.append(1))
+    tensors = {f"layer_0{i}.w@rank0": torch.randn(64) for i in range(2, 5)}
+    writer = NeoXWriter(tmp_path / "neox", yaml_config=None, tp=1)
+    groups = writer.groups({key: TensorMeta.of(t) for key, t in tensors.items()})
+    for index, group in enumerate(groups):
+        writer.write_group(index, {key: tensors[key] for key in group})
+    writer.finalize()
+    assert len(trims) == len(groups) == 3

@@ -6,16 +6,28 @@ What stays alive between groups is only what a multi-output node made for a late
 K and V of a QKV split, when they land in the next file). So peak memory follows the largest
 group, not the model.
 
-Lossy nodes are checked as they run: their inverse is applied and compared bit for bit; where
-it does not give the input back, the node's residual goes to the sidecar. Restoring nodes (the
+Lossy nodes are checked as they run (``Op.apply_checked``: the inverse gives the input back bit
+for bit, or not); where it does not, the node's residual goes to the sidecar. Restoring nodes (the
 inverse of a lossy op) use their sidecar entry, after checking it still maps back to the tensor
 they got (a stale sidecar must never silently override an edited model).
+
+A node that only concatenates (``Op.concat_dim``, the tensor-parallel merge of most weights) is
+not run when the sink streams values (``writes_lazy``, both writers): the engine keeps its
+inputs as a :class:`~mapper.tensors.LazyConcat`, which pass-through ops (``rename``) forward and
+the writer writes part by part, straight from the source's memory or file. Any other consumer
+gets the real tensor. The ops themselves never see this.
+
+While it runs, torch computes on one thread (restored afterwards): converting is bound by the
+disk and memory, the writers' threads already keep the cores busy, and torch's intra-op workers
+only spin against them. Measured on 2 shared cores (1.2 GB te-full-parallel checkpoint): user
+time 1.4-2.5 s -> 0.5 s NeoX -> HF, 3-7 s -> 0.6 s HF -> NeoX; wall time down by a third or more.
 """
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -25,7 +37,7 @@ from mapper.engine.plan import Node, Plan
 from mapper.engine.sidecar import Sidecar
 from mapper.errors import ConversionError, MapperError
 from mapper.ops import NeedsResidual, OpContext, all_bitwise_equal
-from mapper.tensors import Sink, Source, TensorMeta, materialize
+from mapper.tensors import LazyConcat, Sink, Source, TensorMeta, materialize
 
 
 @dataclass
@@ -78,6 +90,33 @@ def execute(
 
     ``on_group(index, nbytes)`` is called after each group is handed to the sink (progress bars).
     """
+    with _one_torch_thread():
+        return _execute(plan, source, sink, sidecar=sidecar, average_replicas=average_replicas, cast=cast,
+                        part=part, on_group=on_group)
+
+
+@contextlib.contextmanager
+def _one_torch_thread() -> Iterator[None]:
+    """torch's intra-op parallelism off for the duration (see the module docstring)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _execute(
+    plan: Plan,
+    source: Source,
+    sink: Sink,
+    *,
+    sidecar: Sidecar | None,
+    average_replicas: bool,
+    cast: torch.dtype | None,
+    part: tuple[int, int] | None,
+    on_group: Callable[[int, int], None] | None,
+) -> ExecutionReport:
     manifest = target_manifest(plan, cast)
     groups = sink.groups(manifest)
     _check_groups(groups, manifest)
@@ -91,32 +130,32 @@ def execute(
     )
     sidecar = sidecar or Sidecar()
 
-    live: dict[int, torch.Tensor] = {}
+    live: dict[int, torch.Tensor | LazyConcat] = {}
     live_bytes = 0
 
-    def hold(value_id: int, tensor: torch.Tensor) -> None:
+    def hold(value_id: int, tensor: torch.Tensor | LazyConcat) -> None:
         nonlocal live_bytes
         live[value_id] = tensor
         live_bytes += tensor.nbytes
 
-    def release(value_id: int) -> torch.Tensor:
+    def release(value_id: int) -> torch.Tensor | LazyConcat:
         nonlocal live_bytes
         tensor = live.pop(value_id)
         live_bytes -= tensor.nbytes
         return tensor
 
-    def keep(node: Node, outputs: list[torch.Tensor]) -> None:
+    def keep(node: Node, outputs: list[torch.Tensor | LazyConcat]) -> None:
         for value, tensor in zip(node.outputs, outputs):
             if value.consumer is not None or group_of.get(value.key) in selected:
                 hold(value.id, tensor)
 
     lazy_ok = getattr(sink, "writes_lazy", False) and cast is None
 
-    def finished(key: str) -> torch.Tensor:
+    def finished(key: str) -> torch.Tensor | LazyConcat:
         tensor = release(plan.targets[key].id)
         if not lazy_ok:
             tensor = materialize(tensor)
-        return cast_checked(key, tensor, cast) if cast is not None else tensor
+        return cast_checked(key, tensor, cast) if cast is not None else tensor  # type: ignore[arg-type]
 
     chosen = [groups[i] for i in selected]
     # With no output at all (everything dropped), drops still run: their residuals matter.
@@ -130,7 +169,7 @@ def execute(
                     hold(value.id, source.get(value.key))
                 inputs.append(live[value.id])
             report.peak_live_bytes = max(report.peak_live_bytes, live_bytes)
-            outputs = _run(node, inputs, plan, sidecar, report, average_replicas)
+            outputs = _run(node, inputs, plan, sidecar, report, average_replicas, lazy_ok)
             for value in node.inputs:
                 release(value.id)
             del inputs
@@ -155,15 +194,31 @@ def execute(
 
 
 def _run(
+    node: Node, inputs: list[torch.Tensor | LazyConcat], plan: Plan, sidecar: Sidecar, report: ExecutionReport,
+    average_replicas: bool, defer_concat: bool,
+) -> list[torch.Tensor | LazyConcat]:
+    op = node.op
+    if op.passes_through and any(isinstance(t, LazyConcat) for t in inputs):
+        return op.apply(inputs, _context(node, plan, average_replicas))  # type: ignore[arg-type]
+    tensors = [materialize(t) for t in inputs]
+    if defer_concat and op.concat_dim is not None and node.reads_residual is None and tensors:
+        return [LazyConcat(tensors, op.concat_dim)]
+    return _compute(node, tensors, plan, sidecar, report, average_replicas)  # type: ignore[return-value]
+
+
+def _context(node: Node, plan: Plan, average_replicas: bool) -> OpContext:
+    keys = [key for v in node.inputs for key in v.sources()] or [v.key for v in node.outputs]
+    return OpContext(node.parameters or plan.parameters, node.ranges or plan.ranges,  # chained plans: per node
+                     average_replicas=average_replicas, keys=tuple(keys))
+
+
+def _compute(
     node: Node, inputs: list[torch.Tensor], plan: Plan, sidecar: Sidecar, report: ExecutionReport,
     average_replicas: bool,
 ) -> list[torch.Tensor]:
     op = node.op
-    if not op.passes_through:
-        inputs = [materialize(t) for t in inputs]
-    keys = [key for v in node.inputs for key in v.sources()] or [v.key for v in node.outputs]
-    ctx = OpContext(node.parameters or plan.parameters, node.ranges or plan.ranges,  # chained plans: per node
-                    average_replicas=average_replicas, keys=tuple(keys))
+    ctx = _context(node, plan, average_replicas)
+    keys = list(ctx.keys)
     try:
         residual = sidecar.get(node.reads_residual)
         if residual is not None:
@@ -177,11 +232,12 @@ def _run(
                 "edited?); using the rule's default inverse instead",
                 stacklevel=2,
             )
-        outputs = op.apply(inputs, ctx)
+        outputs, exact = op.apply_checked(inputs, ctx, check=op.lossy)
         if node.reads_residual:
             report.defaults.append(node.reads_residual)
-        if op.lossy:
-            _keep_residual(node, inputs, outputs, ctx, report)
+        if not exact:
+            assert node.writes_residual is not None
+            report.sidecar.entries[node.writes_residual] = op.residual(inputs, outputs)
         return outputs
     except NeedsResidual as error:
         raise ConversionError(
@@ -196,19 +252,6 @@ def _run(
             hint="the tensors do not have the shapes the plan was compiled for; was the checkpoint "
             "modified while converting?",
         ) from None
-
-
-def _keep_residual(
-    node: Node, inputs: list[torch.Tensor], outputs: list[torch.Tensor], ctx: OpContext, report: ExecutionReport
-) -> None:
-    """Store what the inverse alone cannot restore (nothing, usually)."""
-    try:
-        exact = all_bitwise_equal(node.op.inverse().apply(outputs, ctx), inputs)
-    except NeedsResidual:
-        exact = False
-    if not exact:
-        assert node.writes_residual is not None
-        report.sidecar.entries[node.writes_residual] = node.op.residual(inputs, outputs)
 
 
 def _check_groups(groups: Sequence[Sequence[str]], manifest: dict) -> None:

@@ -17,16 +17,25 @@ written the ordinary way).
 :class:`FileRanges` remembers the range of each tensor a reader hands out, by identity (the entry
 goes when the tensor does), so a tensor made by an op (a transpose, a cast, a slice...) is never
 mistaken for file bytes: only the very tensor object handed out, still at the same address, is.
+
+A safetensors tensor is mapped on its own (``safetensors_io.map_tensor``): there the map itself is
+registered (:func:`register_map`, the entry goes when the map does), and :func:`mapped_range`
+finds any contiguous tensor lying inside a live map, views included: a dim-0 split of an HF
+weight into tensor-parallel shards is then a range of the HF file, copied in the kernel. Memory
+inside a live map belongs to it (nothing else can be allocated there), and no op writes into its
+inputs, so such a tensor's bytes are the file's bytes.
 """
 
 from __future__ import annotations
 
 import bisect
 import struct
+import threading
 import weakref
 import zipfile
 from collections import Counter
 from collections.abc import Iterable
+from typing import Any
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -155,3 +164,44 @@ class FileRanges:
         _, address, found = entry
         unchanged = tensor.data_ptr() == address and tensor.nbytes == found.nbytes and tensor.is_contiguous()
         return found if unchanged else None
+
+
+@dataclass(frozen=True)
+class _Map:
+    owner: weakref.ref[Any]  # the mmap object: the map is live while it is
+    address: int
+    nbytes: int
+    path: Path
+    offset: int  # file offset of ``address``
+
+
+_maps: dict[int, _Map] = {}
+_maps_lock = threading.Lock()
+
+
+def register_map(owner: Any, address: int, nbytes: int, path: Path, offset: int) -> None:
+    """Remember that ``nbytes`` of memory at ``address`` hold ``path`` from ``offset`` on, for as
+    long as ``owner`` (the mmap object, which tensors viewing the memory keep alive) lives."""
+    key = id(owner)
+    with _maps_lock:
+        _maps[key] = _Map(weakref.ref(owner), address, nbytes, path, offset)
+    weakref.finalize(owner, _forget_map, key)
+
+
+def _forget_map(key: int) -> None:
+    with _maps_lock:
+        _maps.pop(key, None)
+
+
+def mapped_range(tensor: object) -> FileRange | None:
+    """The file range of a contiguous CPU tensor lying inside a registered, live file map."""
+    if not isinstance(tensor, torch.Tensor) or tensor.device.type != "cpu" or not tensor.is_contiguous():
+        return None
+    start, nbytes = tensor.data_ptr(), tensor.nbytes
+    if nbytes == 0:
+        return None
+    with _maps_lock:
+        for entry in _maps.values():
+            if entry.address <= start and start + nbytes <= entry.address + entry.nbytes and entry.owner() is not None:
+                return FileRange(entry.path, entry.offset + start - entry.address, nbytes)
+    return None

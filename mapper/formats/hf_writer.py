@@ -11,17 +11,17 @@ Shards are filled in natural key order (``layers.2`` before ``layers.10``) up to
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from mapper.errors import ConversionError
-from mapper.formats.file_ranges import FileRange
 from mapper.formats.naming import natural_sorted
 from mapper.formats.output import AtomicFile
 from mapper.formats.safetensors_io import data_order, file_size, write_safetensors
+from mapper.formats.streaming import Locate
 from mapper.formats.writing import PlannedFile, StagedWriter, write_json
 from mapper.tensors import Manifest
 
@@ -75,7 +75,7 @@ class HFWriter(StagedWriter):
         force: bool = False,
         inputs: Iterable[str | Path] = (),
         background: bool = True,
-        locate: Callable[[torch.Tensor], FileRange | None] | None = None,
+        locate: Locate | None = None,
     ):
         if max_shard_size < 1:
             raise ConversionError(f"max_shard_size={max_shard_size} must be positive", hint="e.g. 5 * 10**9")

@@ -30,8 +30,10 @@ NeoX's ``args`` entry is left out on purpose: ``megatron/checkpointing.py`` asse
 arg equals the running config, and a partial dict would only add ways to fail. Load the result
 with ``finetune: true`` (or ``no_load_optim: true`` and ``no_load_rng: true``).
 
-Tensors that are views of a larger storage (slices of a TP split, memory maps) are copied before
-``torch.save``, which would otherwise write the whole underlying storage.
+Layer files are written in ``torch.save``'s format with every tensor's bytes streamed in
+(:mod:`mapper.formats.torch_zip`): a tensor-parallel shard of an HF weight along dim 0 is copied
+file to file in the kernel, a strided shard a block of rows at a time, and a view never drags its
+whole storage into the file (which ``torch.save`` of the view itself would write).
 """
 
 from __future__ import annotations
@@ -50,21 +52,13 @@ from mapper.version import __version__
 from mapper.errors import ConversionError, MapperError
 from mapper.formats.naming import layer_file_name, mp_rank_file_name, natural_key, parse_neox_key
 from mapper.formats.output import AtomicFile, Cancelled, write_bytes_atomic
+from mapper.formats.streaming import Locate
+from mapper.formats.torch_zip import write_torch_save
 from mapper.formats.writing import PlannedFile, StagedWriter
-from mapper.tensors import Manifest
+from mapper.tensors import LazyConcat, Manifest, materialize
 
 TAG = re.compile(r"^[A-Za-z0-9_.+-]+$")
 LOAD_WITH = "finetune: true (or no_load_optim: true and no_load_rng: true)"
-
-
-def own_storage(tensor: torch.Tensor) -> torch.Tensor:
-    """``tensor`` on CPU, copied if it does not own exactly its storage (torch.save bloat)."""
-    t = tensor.detach()
-    if t.device.type != "cpu":
-        t = t.cpu()
-    if t.storage_offset() != 0 or not t.is_contiguous() or t.untyped_storage().nbytes() != t.nbytes:
-        t = t.clone(memory_format=torch.contiguous_format)
-    return t
 
 
 def save(obj: object, f: AtomicFile) -> None:
@@ -143,6 +137,7 @@ class NeoXWriter(StagedWriter):
     """A Sink writing a NeoX pipeline-layout checkpoint from ``layer_XX.K@rankR`` keys."""
 
     kind = "neox"
+    writes_lazy = True  # streams LazyConcat parts into the file (mapper.tensors.LazyConcat)
 
     def __init__(
         self,
@@ -157,6 +152,7 @@ class NeoXWriter(StagedWriter):
         force: bool = False,
         inputs: Iterable[str | Path] = (),
         background: bool = True,
+        locate: Locate | None = None,
     ):
         if not isinstance(tp, int) or tp < 1:
             raise ConversionError(f"tp={tp!r} must be a positive integer", hint="the number of TP ranks")
@@ -173,6 +169,7 @@ class NeoXWriter(StagedWriter):
         self.tp = tp
         self.tag = tag
         self.config_name = config_name
+        self.locate = locate
         super().__init__(out_dir, parts=parts, force=force, inputs=inputs, background=background)
 
     def _options(self) -> dict[str, Any]:
@@ -192,18 +189,26 @@ class NeoXWriter(StagedWriter):
     ) -> None:
         if stop.is_set():
             raise Cancelled(f"writing was cancelled before {planned.name}")
-        if self.layout == "sequential":  # DeepSpeed's rank state, the module inside
-            module = {}
+        if self.layout == "sequential":  # DeepSpeed's rank state with the module inside: a nested pickle,
+            module = {}                     # written by torch.save (one file per rank holds the rank anyway)
             for key in planned.keys:
                 name = parse_neox_key(key)
-                module[f"sequential.{name.idx}.{name.key}"] = own_storage(tensors[key])
-            state: dict[str, Any] = {**mp_rank_state(self.tp, iteration_of(self.tag)), "module": module}
-        else:
-            state = {parse_neox_key(key).key: own_storage(tensors[key]) for key in planned.keys}
+                module[f"sequential.{name.idx}.{name.key}"] = materialize(tensors[key]).contiguous().clone()
+            path = folder / planned.name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with AtomicFile(path, needed=planned.nbytes, total=self._total_bytes(), sync=False) as f:
+                save({**mp_rank_state(self.tp, iteration_of(self.tag)), "module": module}, f)
+            return
+        state: dict[str, torch.Tensor | LazyConcat] = {parse_neox_key(key).key: tensors[key] for key in planned.keys}
+        # The writer's own dict (StagedWriter._write_file): emptied, so each tensor's memory goes
+        # once it is written, as `state` lets go of it.
+        owned = isinstance(tensors, dict) and tensors.keys() == set(planned.keys)
+        if owned:
+            tensors.clear()  # type: ignore[attr-defined]
         path = folder / planned.name
         path.parent.mkdir(parents=True, exist_ok=True)
         with AtomicFile(path, needed=planned.nbytes, total=self._total_bytes(), sync=False) as f:
-            save(state, f)
+            write_torch_save(f, state, locate=self.locate, stop=stop, release=True)
 
     @classmethod
     def _write_extras(cls, folder: Path, plan: Sequence[PlannedFile], options: Mapping[str, Any]) -> None:

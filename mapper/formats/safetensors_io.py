@@ -26,11 +26,12 @@ from typing import Any
 import torch
 
 from mapper.errors import CheckpointError, ConversionError
-from mapper.formats.file_ranges import FileRange
+from mapper.formats.file_ranges import register_map
+from mapper.formats.streaming import Locate, write_value
 from mapper.formats.naming import natural_key
 from mapper.formats.output import Cancelled
 from mapper.input_files import check_regular
-from mapper.tensors import LazyConcat, TensorMeta
+from mapper.tensors import TensorMeta
 
 MAX_HEADER = 100_000_000  # the reference implementation's limit
 MAX_DIMS = 64  # dimensions of one tensor (torch's own limit is 64 too)
@@ -173,7 +174,9 @@ def read_header(path: Path) -> Header:
 def map_tensor(path: Path, entry: Entry) -> torch.Tensor:
     """The tensor at ``entry`` of ``path`` as a view of a (copy-on-write) memory map of its own
     bytes only: the map, and the pages read through it, go away with the last view of the tensor,
-    so a reader's memory follows the tensors still in use, not the shards it has read from."""
+    so a reader's memory follows the tensors still in use, not the shards it has read from. The
+    map is registered (:func:`~mapper.formats.file_ranges.register_map`): a writer copies the
+    tensor, or any contiguous piece of it, file to file in the kernel."""
     meta = entry.meta
     if meta.numel == 0:
         return torch.empty(meta.shape, dtype=meta.dtype)
@@ -184,18 +187,9 @@ def map_tensor(path: Path, entry: Entry) -> torch.Tensor:
     itemsize = flat.new_empty((), dtype=meta.dtype).element_size()
     if flat.data_ptr() % itemsize:
         flat = flat.clone()
+    else:
+        register_map(mapped, flat.data_ptr(), entry.end - entry.start, path, entry.start)
     return flat.view(meta.dtype).reshape(meta.shape)
-
-
-def tensor_bytes(tensor: torch.Tensor) -> memoryview:
-    """The raw little-endian bytes of ``tensor``, without a copy when it is contiguous on CPU."""
-    t = tensor.detach()
-    if t.device.type != "cpu":
-        t = t.cpu()
-    t = t.contiguous()
-    if t.numel() == 0:
-        return memoryview(b"")
-    return memoryview(t.reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
 
 
 def itemsize(dtype: torch.dtype) -> int:
@@ -241,15 +235,16 @@ def write_safetensors(
     *,
     stop: threading.Event | None = None,
     release: bool = False,
-    locate: Callable[[torch.Tensor], FileRange | None] | None = None,
+    locate: Locate | None = None,
 ) -> None:
     """Stream ``tensors`` into the writable ``f`` (anything with ``write(bytes-like)``).
 
     ``stop`` lets another thread cancel between tensors (a KeyboardInterrupt, another error).
     ``release=True`` removes each tensor from ``tensors`` (then a dict the caller owns) once it
     is written: when nothing else refers to it, its memory is freed before the next one is written.
-    ``locate`` says which tensors are byte ranges of a file (a reader's ``file_range``): those are
-    appended with ``f.copy_range`` (:class:`~mapper.formats.output.AtomicFile`), file to file.
+    Values may be :class:`~mapper.tensors.LazyConcat`; bytes that lie in a file (``locate``, a
+    reader's ``file_range``, or a registered map) are appended with ``f.copy_range``
+    (:class:`~mapper.formats.output.AtomicFile`), file to file (:mod:`mapper.formats.streaming`).
     """
     if sys.byteorder != "little":
         raise ConversionError(
@@ -262,16 +257,7 @@ def write_safetensors(
         if stop is not None and stop.is_set():
             raise Cancelled(f"writing was cancelled before {key}")
         value = tensors[key]
-        written = 0
-        for piece in value.chunks() if isinstance(value, LazyConcat) else (value,):
-            where = locate(piece) if locate is not None else None
-            if where is not None:
-                written += f.copy_range(where.path, where.offset, where.nbytes)
-                continue
-            view = tensor_bytes(piece)
-            f.write(view)
-            written += len(view)
-            del view
+        written = write_value(f, value, locate)
         del value
         if written != metas[key].nbytes:
             raise ConversionError(

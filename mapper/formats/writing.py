@@ -43,10 +43,13 @@ the array (``sbatch --dependency=afterok:<array job id>``). To start over, delet
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import hashlib
 import json
 import queue
 import shutil
+import sys
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -214,6 +217,28 @@ class BackgroundWriter:
         """Stop after the tensors being written; drop what is queued."""
         self.stop.set()
         self._end_threads()
+
+
+def _malloc_trim() -> Callable[[], object] | None:
+    """glibc's ``malloc_trim(0)``, or None where there is no such function (macOS, musl)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        function = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_size_t]
+    function.restype = ctypes.c_int
+    return lambda: function(0)
+
+
+_TRIM = _malloc_trim()
+
+
+def give_back_freed_memory() -> None:
+    """Return the C heap's free memory to the system (see "Overlap" above); a no-op elsewhere."""
+    if _TRIM is not None:
+        _TRIM()
 
 
 def plan_digest(document: Mapping[str, Any]) -> str:
@@ -459,6 +484,7 @@ class StagedWriter:
         self._write_file(self.staging, planned, tensors, stop)
         self._files_done.append(self.staging / planned.name)
         self._flusher.add(self.staging / planned.name)  # fsynced while the next file is written
+        give_back_freed_memory()
 
     def _total_bytes(self) -> int:
         """The tensor bytes this writer (or part) writes."""

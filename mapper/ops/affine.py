@@ -1,9 +1,11 @@
 """``affine``: ``y = x * scale + offset``, e.g. Transformer Engine's ``zero_centered_gamma``.
 
-TE can store a norm's gamma as ``gamma - 1``; HF wants gamma itself: ``affine: {offset: 1}``.
-The arithmetic runs in float64 and rounds once to the tensor's dtype. ``(w + 1) - 1`` is not
-always ``w`` in floating point, so the op is lossy: where the inverse does not give the input
-back bit for bit, the sidecar keeps the original and the round trip stays exact.
+TE can store a norm's gamma as ``gamma - 1``; HF wants gamma itself: ``affine: {offset: 1}``;
+under gpt-j-residual TE's row-parallel outputs are scaled by ``tp``: ``affine: {scale: tp}``.
+The result is the exact value rounded once to the tensor's dtype: a power-of-two scale is
+computed in that dtype, anything else in float64, a block at a time (:mod:`mapper.ops.arith`).
+``(w + 1) - 1`` is not always ``w`` in floating point, so the op is lossy: where the inverse does
+not give the input back bit for bit, the sidecar keeps the original and the round trip stays exact.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import ClassVar
 import torch
 from pydantic import Field, field_validator, model_validator
 
+from mapper.ops import arith
 from mapper.ops.base import Op, OpContext, ShapeError, same_key_if_missing
 from mapper.tensors import TensorMeta
 
@@ -59,11 +62,15 @@ class Affine(Op):
         return [meta]
 
     def apply(self, inputs: list[torch.Tensor], ctx: OpContext) -> list[torch.Tensor]:
+        return self.apply_checked(inputs, ctx, check=False)[0]
+
+    def apply_checked(
+        self, inputs: list[torch.Tensor], ctx: OpContext, *, check: bool = True
+    ) -> tuple[list[torch.Tensor], bool]:
         x = inputs[0]
         scale, offset = self._numbers(ctx)
-        wide = x.to(torch.float64)
-        y = (wide - offset) / scale if self.invert else wide * scale + offset
-        return [y.to(x.dtype)]
+        y, exact = arith.affine(x, scale, offset, invert=self.invert, check=check)
+        return [y], exact
 
     def inverse(self) -> Affine:
         return Affine(

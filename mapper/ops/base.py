@@ -4,10 +4,11 @@ An op instance is one rule of a rule file (``- rename: {from: ..., to: ...}``). 
 its key patterns against a manifest and calls :meth:`Op.infer` (metadata only) while compiling
 and :meth:`Op.apply` while executing. It never special-cases an op.
 
-Lossy ops (``lossy = True``) may not be undone by their inverse alone: after applying one, the
-engine runs the inverse and compares bit for bit; where that does not give the input back, it
-stores :meth:`Op.residual` in the *sidecar*, and the inverse op uses it (``apply(...,
-residual=...)``) to restore the exact input.
+Lossy ops (``lossy = True``) may not be undone by their inverse alone: the engine applies one
+with :meth:`Op.apply_checked`, which also says whether the inverse gives the input back bit for
+bit (by default: it runs the inverse and compares; an op may fold a cheaper, equivalent check
+into its own computation). Where it does not, the engine stores :meth:`Op.residual` in the
+*sidecar*, and the inverse op uses it (:meth:`Op.apply_with_residual`) to restore the exact input.
 """
 
 from __future__ import annotations
@@ -58,7 +59,8 @@ class Op(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
     name: ClassVar[str]
-    # True for ops that pass values through untouched (rename): they may receive a LazyConcat.
+    # True for ops that pass values through untouched (rename): the engine may hand them a
+    # concatenation not made yet (mapper.tensors.LazyConcat) and forward it to the writer.
     passes_through: ClassVar[bool] = False
     id: str | None = Field(
         None,
@@ -115,6 +117,27 @@ class Op(BaseModel):
     def apply(self, inputs: list[torch.Tensor], ctx: OpContext) -> list[torch.Tensor]:
         """Compute the outputs (may raise NeedsResidual for an inverse without a default)."""
         raise NotImplementedError
+
+    def apply_checked(
+        self, inputs: list[torch.Tensor], ctx: OpContext, *, check: bool = True
+    ) -> tuple[list[torch.Tensor], bool]:
+        """:meth:`apply`, and whether :meth:`inverse` gives ``inputs`` back bit for bit (always
+        True without ``check``). How the engine runs a lossy op."""
+        outputs = self.apply(inputs, ctx)
+        if not check:
+            return outputs, True
+        try:
+            exact = all_bitwise_equal(self.inverse().apply(outputs, ctx), inputs)
+        except NeedsResidual:
+            exact = False
+        return outputs, exact
+
+    @property
+    def concat_dim(self) -> int | None:
+        """The dimension along which :meth:`apply` concatenates its inputs, when that is all it
+        does (None otherwise): the engine may then leave the result unmade for a writer that
+        streams the parts (:class:`mapper.tensors.LazyConcat`)."""
+        return None
 
     def apply_with_residual(
         self, inputs: list[torch.Tensor], residual: list[torch.Tensor], ctx: OpContext

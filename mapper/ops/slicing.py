@@ -13,7 +13,16 @@ from typing import ClassVar
 import torch
 from pydantic import Field, model_validator
 
-from mapper.ops.base import NeedsResidual, Op, OpContext, ShapeError, SizeExpr, normalize_dim, same_key_if_missing
+from mapper.ops.base import (
+    NeedsResidual,
+    Op,
+    OpContext,
+    ShapeError,
+    SizeExpr,
+    bitwise_equal,
+    normalize_dim,
+    same_key_if_missing,
+)
 from mapper.tensors import TensorMeta
 
 
@@ -69,10 +78,26 @@ class Slice(_Window):
         dim, keep, _ = self._sizes(TensorMeta.of(inputs[0]), ctx)
         return [inputs[0].narrow(dim, 0, keep)]
 
+    def apply_checked(
+        self, inputs: list[torch.Tensor], ctx: OpContext, *, check: bool = True
+    ) -> tuple[list[torch.Tensor], bool]:
+        """Exact when nothing is cut, or when every cut entry is the ``fill`` that ``pad`` would
+        put back: only the cut entries are looked at."""
+        x = inputs[0]
+        dim, keep, total = self._sizes(TensorMeta.of(x), ctx)
+        outputs = [x.narrow(dim, 0, keep)]
+        if not check or keep == total:
+            return outputs, True
+        if self.fill is None:
+            return outputs, False
+        cut = x.narrow(dim, keep, total - keep)
+        return outputs, bitwise_equal(cut, torch.full(cut.shape, self.fill, dtype=x.dtype))
+
     def residual(self, inputs: list[torch.Tensor], outputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The cut entries, copied (a view would keep the whole input alive until the sidecar is written)."""
         dim = self.dim % inputs[0].dim()
         keep = outputs[0].shape[dim]
-        return [inputs[0].narrow(dim, keep, inputs[0].shape[dim] - keep)]
+        return [inputs[0].narrow(dim, keep, inputs[0].shape[dim] - keep).clone()]
 
     def inverse(self) -> Pad:
         return Pad(**self._fields())

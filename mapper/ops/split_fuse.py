@@ -13,6 +13,9 @@ Three modes, the same word on both sides so a rule and its inverse read alike:
 
 Inputs (for fuse) or outputs (for split) are either a list of patterns, in order, or one pattern
 taken ``over`` a placeholder's whole range, in order (``...@rank{r}`` over ``r``, range ``tp``).
+
+Arithmetic runs in the tensors' dtype, a block at a time (:mod:`mapper.ops.arith`); a sum's
+exactness check compares each input with the share the split would give back, nothing more.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from typing import ClassVar, Literal
 import torch
 from pydantic import Field, model_validator
 
+from mapper.ops import arith
 from mapper.ops.base import (
     Op,
     OpContext,
@@ -32,7 +36,7 @@ from mapper.ops.base import (
     normalize_dim,
     require_same,
 )
-from mapper.tensors import LazyConcat, TensorMeta
+from mapper.tensors import TensorMeta
 
 Mode = Literal["concat", "replicated", "sum"]
 
@@ -124,17 +128,30 @@ class Fuse(_Parts):
         shape = first.shape[:dim] + (sum(parts),) + first.shape[dim + 1 :]
         return [TensorMeta(shape, first.dtype)]
 
+    @property
+    def concat_dim(self) -> int | None:
+        return self.dim if self.mode == "concat" else None
+
     def apply(self, inputs: list[torch.Tensor], ctx: OpContext) -> list[torch.Tensor]:
-        if self.mode == "concat":  # made by the writer, or by the next op that needs it (saves a copy)
-            return [LazyConcat(inputs, self.dim)]  # type: ignore[list-item]
+        return self.apply_checked(inputs, ctx, check=False)[0]
+
+    def apply_checked(
+        self, inputs: list[torch.Tensor], ctx: OpContext, *, check: bool = True
+    ) -> tuple[list[torch.Tensor], bool]:
+        if self.mode == "concat":
+            return [torch.cat(inputs, dim=self.dim)], True
         if self.mode == "sum":
-            return [_tree_sum(inputs)]
+            total = arith.tree_sum(inputs)
+            if not check:
+                return [total], True
+            share, _ = arith.affine(total, len(inputs), 0.0, invert=True)  # what split gives back
+            return [total], all(bitwise_equal(share, t) for t in inputs)
         different = [i for i, t in enumerate(inputs[1:], 1) if not bitwise_equal(t, inputs[0])]
         if not different:
-            return [inputs[0]]
+            return [inputs[0]], True
         if ctx.average_replicas:
-            return [torch.stack([t.to(torch.float64) for t in inputs]).mean(0).to(inputs[0].dtype)]
-        worst = max((inputs[i].double() - inputs[0].double()).abs().max().item() for i in different)
+            return [arith.mean(inputs)], False
+        worst = max(_largest_difference(inputs[i], inputs[0]) for i in different)
         raise conversion_error(
             ctx,
             f"replicated tensors differ across parts {different} (max abs difference {worst:.3g}); "
@@ -194,7 +211,7 @@ class Split(_Parts):
         if self.mode == "replicated":
             return [x] * count
         if self.mode == "sum":
-            share = (x.to(torch.float64) / count).to(x.dtype)
+            share, _ = arith.affine(x, count, 0.0, invert=True)
             return [share] * count
         return list(torch.split(x, self._part_sizes(count, x.shape[self.dim], ctx), dim=self.dim))
 
@@ -202,11 +219,10 @@ class Split(_Parts):
         return Fuse(from_=self.to, to=self.from_, **self._fields())
 
 
-def _tree_sum(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """Pairwise sum: exact for 2^k equal shares, as a balanced all-reduce would add them."""
-    while len(tensors) > 1:
-        tensors = [
-            tensors[i] + tensors[i + 1] if i + 1 < len(tensors) else tensors[i]
-            for i in range(0, len(tensors), 2)
-        ]
-    return tensors[0]
+def _largest_difference(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| in float64, a block at a time (for the message about differing replicas)."""
+    x, y = arith.flat(a), arith.flat(b)
+    return max(
+        ((x[s].to(torch.float64) - y[s].to(torch.float64)).abs().max().item() for s in arith.blocks(x.numel())),
+        default=0.0,
+    )

@@ -12,7 +12,7 @@ import mapper
 from mapper.engine import execute, part_groups
 from mapper.errors import ConversionError
 from mapper.spec import load_rule_text
-from mapper.tensors import DictSink, TensorMeta
+from mapper.tensors import DictSink, LazyConcat, TensorMeta
 
 RULES = """\
 schema_version: 1
@@ -176,3 +176,68 @@ def test_casting_refuses_overflow_and_names_the_tensor(rules):
                         dtype=torch.bfloat16)
     assert ok.tensors["layers.0.w"].dtype == torch.bfloat16
     assert ok.tensors["layers.0.q"].dtype == torch.bfloat16
+
+
+class StreamingSink(DictSink):
+    """A sink that writes values part by part, as the HF and NeoX writers do."""
+
+    writes_lazy = True
+
+
+def test_a_streaming_sink_gets_concatenations_unmade_and_others_get_tensors(rules):
+    source = FreshSource(1)
+    state = {k: source.get(k) for k in source.manifest()}
+    renamed = load_rule_text(RULES.replace(
+        '  - drop:', '  - rename: {from: "layers.{i}.w", to: "layers.{i}.weight"}\n  - drop:'))
+    sink = StreamingSink()
+    mapper.convert(renamed, state, {"num_layers": 1}, sink=sink)
+    weight = sink.tensors["layers.0.weight"]  # a fuse, then a rename (which passes it through)
+    assert isinstance(weight, LazyConcat) and weight.parts[0] is state["layer_02.w@rank0"]
+    assert torch.equal(weight.materialize(), torch.cat([state["layer_02.w@rank0"], state["layer_02.w@rank1"]]))
+    assert isinstance(sink.tensors["layers.0.b"], torch.Tensor)  # a sum is computed
+    plain = mapper.convert(renamed, state, {"num_layers": 1}).tensors
+    assert isinstance(plain["layers.0.weight"], torch.Tensor)  # any other sink gets the tensor
+    assert torch.equal(plain["layers.0.weight"], weight.materialize())
+
+
+def test_an_op_after_a_concatenation_gets_the_real_tensor():
+    text = RULES.replace('  - drop:', '  - transpose: {from: "layers.{i}.w", to: "layers.{i}.wt"}\n  - drop:')
+    source = FreshSource(1)
+    state = {k: source.get(k) for k in source.manifest()}
+    sink = StreamingSink()
+    mapper.convert(load_rule_text(text), state, {"num_layers": 1}, sink=sink)
+    expected = torch.cat([state["layer_02.w@rank0"], state["layer_02.w@rank1"]]).T
+    assert isinstance(sink.tensors["layers.0.wt"], torch.Tensor)
+    assert torch.equal(sink.tensors["layers.0.wt"], expected)
+
+
+def test_torch_runs_on_one_thread_while_converting_and_as_before_afterwards(rules):
+    seen: list[int] = []
+
+    class Watching(DictSink):
+        def write_group(self, index, tensors):
+            seen.append(torch.get_num_threads())
+            super().write_group(index, tensors)
+
+    source = FreshSource(2)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        mapper.convert(rules, {k: source.get(k) for k in source.manifest()}, {"num_layers": 2}, sink=Watching(group_size=1))
+        assert len(seen) > 1 and set(seen) == {1} and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_a_cast_checks_every_block_and_counts_across_them(monkeypatch, rules):
+    from mapper.ops import arith
+
+    monkeypatch.setattr(arith, "BLOCK", 100)
+    state = {k: torch.zeros(v.shape, dtype=v.dtype) for k, v in FreshSource(1).manifest().items()}
+    state["layer_02.w@rank0"].view(-1)[[5, 950, 3000]] = torch.tensor([1e6, -1e6, 7e5])
+    state["layer_02.w@rank1"].view(-1)[[10, 20]] = torch.tensor([float("inf"), float("nan")])  # fine
+    with pytest.raises(ConversionError, match=r"overflows to inf for 3 value\(s\) \(largest \|x\| = 1e\+06\)"):
+        mapper.convert(rules, state, {"num_layers": 1}, dtype=torch.float16)
+    state["layer_02.w@rank0"].zero_()
+    out = mapper.convert(rules, state, {"num_layers": 1}, dtype=torch.float16).tensors["layers.0.w"]
+    assert torch.isinf(out.view(-1)[64 * 64 + 10]) and torch.isnan(out.view(-1)[64 * 64 + 20])

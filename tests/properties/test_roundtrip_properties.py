@@ -2,14 +2,18 @@
 
 Rule sets are random chains of every op over random shapes and dtypes (bf16, fp16, fp32, int64,
 uint8), with tensor-parallel shards fused and split over a ``{r}`` placeholder and layers over
-``{i}``. Data includes NaN, inf and -0.0, so "equal" means equal bytes. Lossy ops are restored
-from the sidecar the forward conversion wrote.
+``{i}``. Data includes NaN (with odd payloads and signs), inf, -0.0, subnormals and the largest
+finite values (which a scale by 2 overflows), so "equal" means equal bytes; affine scales include
+powers of two (computed in the tensor's dtype) and the integer expression ``tp``. Lossy ops are
+restored from the sidecar the forward conversion wrote. A second property runs the arithmetic in
+blocks of a few elements, so a block boundary falls anywhere.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
+from unittest.mock import patch
 
 import pytest
 import torch
@@ -19,7 +23,7 @@ from hypothesis import strategies as st
 
 import mapper
 from mapper.errors import CompileError
-from mapper.ops import OPS_BY_NAME, OpContext, ShapeError, bitwise_equal
+from mapper.ops import OPS_BY_NAME, OpContext, ShapeError, arith, bitwise_equal
 from mapper.spec import dump_rule_set, load_rule_text
 from mapper.tensors import TensorMeta
 
@@ -118,7 +122,7 @@ def chain_step(draw: st.DrawFn, family: Family, prefix: str, tp: int) -> None:
     elif kind == "affine":
         fields = {
             "from": src, "to": key(out),
-            "scale": draw(st.sampled_from([1.0, 2.0, 0.5, -3.0, 0.1])),
+            "scale": draw(st.sampled_from([1.0, 2.0, 0.5, 4.0, 0.25, -2.0, -3.0, 0.1, "tp"])),
             "offset": draw(st.sampled_from([0.0, 1.0, -0.25, 1e-3])),
         }
         emit("affine", fields, [out])
@@ -183,13 +187,21 @@ def chain_step(draw: st.DrawFn, family: Family, prefix: str, tp: int) -> None:
 
 
 def random_tensor(meta: TensorMeta, generator: torch.Generator) -> torch.Tensor:
-    """Random values, with NaN, inf and -0.0 sprinkled into floats: equality must be bitwise."""
+    """Random values with special ones sprinkled into floats at random places: NaN, inf, -0.0, a
+    subnormal, the largest finite values, and (16-bit formats) a negative NaN with an odd payload.
+    Equality must be bitwise."""
     if meta.dtype.is_floating_point:
-        t = torch.randn(meta.shape, generator=generator) * 3
+        t = (torch.randn(meta.shape, generator=generator) * 3).to(meta.dtype)
         flat = t.view(-1)
-        if flat.numel() >= 4:
-            flat[0], flat[1], flat[2] = float("nan"), float("inf"), -0.0
-        return t.to(meta.dtype)
+        info = torch.finfo(meta.dtype)
+        specials = [float("nan"), float("inf"), -0.0, info.smallest_normal / 4, info.max, -info.max]
+        places = torch.randperm(flat.numel(), generator=generator).tolist()
+        for place, value in zip(places, specials[: flat.numel() // 2]):
+            flat[place] = value
+        if meta.dtype.itemsize == 2 and flat.numel() > 2 * len(specials):
+            odd_nan = {torch.bfloat16: 0xFF81, torch.float16: 0xFC01}[meta.dtype] - 0x10000
+            flat.view(torch.int16)[places[len(specials)]] = odd_nan
+        return t
     high = 256 if meta.dtype == torch.uint8 else 2**40
     return torch.randint(0, high, meta.shape, generator=generator, dtype=torch.int64).to(meta.dtype)
 
@@ -247,6 +259,16 @@ def test_inverse_of_apply_is_identity_bit_for_bit(scenario):
     rules = load_rule_text(text)
     forward = mapper.convert(rules, state)
     back = mapper.convert(rules.invert(), forward.tensors, sidecar=forward.sidecar)
+    assert_bitwise_same(back.tensors, state)
+
+
+@given(scenarios(), st.integers(1, 9))
+def test_the_round_trip_holds_whatever_the_block_size(scenario, block):
+    text, state, _ = scenario
+    rules = load_rule_text(text)
+    with patch.object(arith, "BLOCK", block):
+        forward = mapper.convert(rules, state)
+        back = mapper.convert(rules.invert(), forward.tensors, sidecar=forward.sidecar)
     assert_bitwise_same(back.tensors, state)
 
 
