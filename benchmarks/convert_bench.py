@@ -14,6 +14,12 @@ Cases (each at ``--layers`` and at twice as many, same width):
 - ``neox-legacy``: legacy names (``dense_h_to_4h``), gpt-j-residual; TP=4, NeoX -> HF.
 - ``hf-to-neox``: the HF folder of ``te-full-parallel`` (written by mapper, unmeasured) back to
   NeoX at TP=2: the inverse rules (splits, the scale divided back, biases shared out).
+- ``reshard``: ``te-full-parallel`` re-sharded NeoX -> NeoX from TP=2 to TP=4 (the rule set, then
+  its inverse at the new degree: merge, scale, split, in one streamed plan).
+- ``masters``: the fp32 master weights of a bf16 run of ``te-full`` at TP=2 (BF16_Optimizer
+  shards of 2 data-parallel ranks, with Adam moments) exported to HF (``--weights master``). Its
+  ``cp`` baseline copies the bytes the conversion writes (an earlier, unmeasured output): the
+  optimizer shards also hold the moments, which the conversion never reads.
 
 For each case: the source is synthesised in a child process, one layer file at a time (bf16,
 Pythia-like widths, untied vocabulary; every block's matrices drawn afresh from a seed), then
@@ -65,7 +71,7 @@ class Case:
     name: str
     variant: str  # mapper.testing synthetic variant of the NeoX side
     tp: int
-    direction: str  # "neox-to-hf" or "hf-to-neox"
+    direction: str  # "neox-to-hf", "hf-to-neox", "neox-to-neox" or "masters" (ZeRO fp32 masters -> HF)
     description: str
 
 
@@ -79,6 +85,10 @@ CASES: dict[str, Case] = {
         Case("neox-legacy", "neox-legacy", 4, "neox-to-hf", "legacy names (dense_h_to_4h), gpt-j-residual, TP=4"),
         Case("hf-to-neox", "te-full-parallel", 2, "hf-to-neox",
              "HF folder of te-full-parallel back to NeoX at TP=2 (inverse rules)"),
+        Case("reshard", "te-full-parallel", 2, "neox-to-neox",
+             "te-full-parallel re-sharded NeoX -> NeoX, TP=2 -> TP=4 (rule set + inverse, one streamed plan)"),
+        Case("masters", "te-full", 2, "masters",
+             "fp32 masters of a bf16 run (BF16_Optimizer, DP=2, TP=2) -> HF (--weights master)"),
     )
 }
 
@@ -113,6 +123,9 @@ def child_main(argv: list[str]) -> None:
     kind, result_path, args = argv[0], Path(argv[1]), json.loads(argv[2])
     if kind == "synth":
         result_path.write_text(json.dumps(synthesize(**args)))
+        return
+    if kind == "zero":
+        result_path.write_text(json.dumps(synthesize_zero_run(**args)))
         return
     import torch
 
@@ -184,20 +197,38 @@ def run_child(kind: str, args: dict[str, Any] | None = None, env: dict[str, str]
 
 
 # ---- the synthetic checkpoints ------------------------------------------------------------------
-def bench_config(variant: str, layers: int, hidden: int, tp: int) -> Any:
+def bench_overrides(variant: str, layers: int, hidden: int, tp: int) -> dict[str, Any]:
     """Pythia-like widths (head 128, 50k vocabulary); Llama-like for ``llama-*`` (GQA with a
-    quarter of the heads as kv heads, MLP 2.75 x hidden, 32k vocabulary). Untied, bf16."""
-    from mapper.testing import tiny_config
-
+    quarter of the heads as kv heads, MLP 2.75 x hidden, 32k vocabulary). Untied."""
     heads = hidden // HEAD_DIM
     common = dict(num_layers=layers, hidden_size=hidden, num_heads=heads, seq_length=2048,
                   max_position_embeddings=2048, make_vocab_size_divisible_by=VOCAB_DIVISIBLE_BY,
-                  no_weight_tying=True, precision="bfloat16")
+                  no_weight_tying=True)
     if variant.startswith("llama"):
         ffn = 256 * math.ceil(2.75 * hidden / 256)
-        return tiny_config(variant, tp=tp, num_kv_heads=max(tp, heads // 4), orig_vocab_size=32000,
-                           intermediate_size=ffn, **common)
-    return tiny_config(variant, tp=tp, num_kv_heads=heads, orig_vocab_size=50277, **common)
+        return dict(common, num_kv_heads=max(tp, heads // 4), orig_vocab_size=32000, intermediate_size=ffn)
+    return dict(common, num_kv_heads=heads, orig_vocab_size=50277)
+
+
+def bench_config(variant: str, layers: int, hidden: int, tp: int) -> Any:
+    """The bf16 model of a case (see :func:`bench_overrides`)."""
+    from mapper.testing import tiny_config
+
+    return tiny_config(variant, tp=tp, precision="bfloat16", **bench_overrides(variant, layers, hidden, tp))
+
+
+def synthesize_zero_run(root: str, variant: str, layers: int, hidden: int, tp: int, seed: int) -> dict[str, Any]:
+    """A bf16 run with its BF16_Optimizer shards (mapper.testing.zero): fp32 masters and Adam moments
+    of 2 data-parallel ranks beside the bf16 module weights. Returns the fp32 bytes of each layer."""
+    from mapper.formats.naming import parse_neox_key
+    from mapper.testing.zero import write_zero_run
+
+    run = write_zero_run(variant, Path(root), tp=tp, dp=2, seed=seed, **bench_overrides(variant, layers, hidden, tp))
+    sizes: dict[int, int] = {}
+    for key, tensor in run.masters.items():
+        idx = parse_neox_key(key).idx
+        sizes[idx] = sizes.get(idx, 0) + tensor.nbytes
+    return {"layer_bytes": {str(k): v for k, v in sorted(sizes.items())}, "block_index": run.config.block_layer_index(0)}
 
 
 def layer_seed(seed: int, idx: int, rank: int, key: str) -> int:
@@ -306,17 +337,19 @@ def med(runs: list[dict[str, Any]], key: str) -> float:
 # ---- one case at one depth ----------------------------------------------------------------------
 def measure(
     case: Case, src: Path, work: Path, *, layers: int, options: dict[str, Any], group_bytes: int, block_bytes: int,
-    repeats: int, can_drop: bool, warmup: bool, env: dict[str, str], log: Any,
+    repeats: int, can_drop: bool, warmup: bool, env: dict[str, str], log: Any, copy_src: Path | None = None,
 ) -> dict[str, Any]:
+    """``copy_src``: what the cp baseline copies (default ``src``: the bytes a conversion reads)."""
     copy_dst, out = work / f"copy-{case.name}-{layers}L", work / f"out-{case.name}-{layers}L"
+    copied = copy_src or src
 
     def run_cp() -> dict[str, Any]:
-        prepare_cache(src, can_drop)
+        prepare_cache(copied, can_drop)
         pressure = cpu_pressure()
         t0 = time.perf_counter()
-        code, _, _, cpu = run_process(["cp", "-r", str(src), str(copy_dst)])
+        code, _, _, cpu = run_process(["cp", "-r", str(copied), str(copy_dst)])
         if code != 0:
-            raise SystemExit(f"cp -r {src} failed with exit code {code}")
+            raise SystemExit(f"cp -r {copied} failed with exit code {code}")
         t1 = time.perf_counter()
         fsync_tree(copy_dst)
         t2 = time.perf_counter()
@@ -363,6 +396,7 @@ def measure(
         "tp": case.tp,
         "layers": layers,
         "src_bytes": tree_bytes(src),
+        "copied_bytes": tree_bytes(copied),
         "out_bytes": out_bytes,
         "largest_layer_group_bytes": group_bytes,
         "block_bytes": block_bytes,
@@ -542,18 +576,31 @@ def main() -> None:
             sources: dict[str, tuple[Path, dict[str, Any]]] = {}
             for case in sorted(wanted, key=lambda c: c.direction == "hf-to-neox"):
                 neox = work / f"neox-{case.variant}-tp{case.tp}-{layers}L"
-                if case.variant not in sources or sources[case.variant][0] != neox:
+                kind = "zero" if case.direction == "masters" else "synth"
+                if kind == "zero":
+                    neox = work / f"run-{case.variant}-tp{case.tp}-{layers}L"
+                source_name = f"{kind}:{case.variant}"
+                if source_name not in sources or sources[source_name][0] != neox:
                     remove(neox)
-                    log(f"[{case.name} {layers}L] synthesising {case.variant}, hidden {args.hidden}, TP={case.tp}")
-                    made = run_child("synth", {"root": str(neox), "variant": case.variant, "layers": layers,
-                                               "hidden": args.hidden, "tp": case.tp, "seed": args.seed})
+                    log(f"[{case.name} {layers}L] synthesising {case.variant} ({kind}), hidden {args.hidden}, TP={case.tp}")
+                    made = run_child(kind, {"root": str(neox), "variant": case.variant, "layers": layers,
+                                            "hidden": args.hidden, "tp": case.tp, "seed": args.seed})
                     os.sync()
-                    sources[case.variant] = (neox, made)
-                _, made = sources[case.variant]
+                    sources[source_name] = (neox, made)
+                _, made = sources[source_name]
                 layer_bytes = made["layer_bytes"]
                 group, block = max(layer_bytes.values()), layer_bytes[str(made["block_index"])]
+                copy_src = None
                 if case.direction == "neox-to-hf":
                     src, options = neox, {"max_shard_size": group}
+                elif case.direction == "neox-to-neox":
+                    src, options = neox, {"to": "neox", "tp": 2 * case.tp}
+                elif case.direction == "masters":
+                    src, options = neox, {"max_shard_size": group, "weights": "master"}
+                    copy_src = work / f"written-{case.name}-{layers}L"
+                    remove(copy_src)
+                    log(f"[{case.name} {layers}L] converting once for the cp baseline (the bytes it writes; not measured)")
+                    run_child("convert", {"src": str(src), "dst": str(copy_src), "options": options}, env)
                 else:
                     src, options = work / f"hf-{case.variant}-{layers}L", {"tp": case.tp}
                     remove(src)
@@ -563,7 +610,9 @@ def main() -> None:
                     f"one block {block / MB:.0f} MB")
                 result = measure(case, src, work, layers=layers, options=options, group_bytes=group,
                                  block_bytes=block, repeats=args.repeats, can_drop=can_drop,
-                                 warmup=not args.no_warmup, env=env, log=log)
+                                 warmup=not args.no_warmup, env=env, log=log, copy_src=copy_src)
+                if copy_src is not None:
+                    remove(copy_src)
                 result["judgement"] = judge(result, baseline_rss)
                 results["runs"].append(result)
                 if result["kept_output"] and not args.no_verify:
