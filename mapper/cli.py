@@ -290,11 +290,15 @@ def plan(
     src: Annotated[Path, typer.Argument(metavar="SRC", help="NeoX checkpoint or HF folder.")],
     rules: RulesOpt = None,
     config: ConfigOpt = None,
+    to: Annotated[Optional[str], typer.Option("--to", help="Output format: hf or neox (as for convert).")] = None,
     tp: Annotated[Optional[int], typer.Option("--tp", help="TP degree of a NeoX output.", min=1)] = None,
-    trim_vocab: Annotated[Optional[int], typer.Option("--trim-vocab", min=1)] = None,
+    layout: Annotated[Optional[str], typer.Option("--layout", help="Layout of a NeoX output: pipeline or sequential.")] = None,
+    weights: Annotated[str, typer.Option("--weights", help="NeoX source weights: module or master (ZeRO fp32 masters).")] = "module",
+    dtype: Annotated[Optional[str], typer.Option("--dtype", help="Size the output as cast to this dtype (as convert --dtype would).")] = None,
+    trim_vocab: Annotated[Optional[int], typer.Option("--trim-vocab", help="Keep only the first N vocabulary rows (NeoX -> HF).", min=1)] = None,
     param: ParamOpt = None,
     set_: SetOpt = None,
-    max_shard_size: Annotated[str, typer.Option("--max-shard-size")] = "5GB",
+    max_shard_size: Annotated[str, typer.Option("--max-shard-size", help="Largest HF shard, e.g. 5GB, 500MB (decides the output files and peak memory).")] = "5GB",
     as_json: JsonOpt = False,
 ) -> None:
     """Dry run from metadata only: source -> ops -> target per tensor (with the rule ids), sizes, peak memory."""
@@ -303,7 +307,7 @@ def plan(
 
     try:
         ready = prepare(src, rules=rules, config_files=config or [], tp=tp, trim_vocab=trim_vocab, parameters=_params(param),
-                        settings=_settings(set_))
+                        settings=_settings(set_), to=to, layout=layout, weights=weights, dtype=_dtype(dtype))
     except CompileError as error:
         if as_json:
             _print_json({"ok": False, **error.to_dict()})
@@ -313,7 +317,8 @@ def plan(
     the_plan = ready.plan
     shard_size = _size(max_shard_size)
     groups = ready.output_groups(shard_size)
-    summary = {**the_plan.summary(), "direction": ready.direction, "parameters": the_plan.parameters,
+    summary = {**the_plan.summary(), "target_bytes": sum(m.nbytes for m in ready.target_manifest().values()),
+               "direction": ready.direction, "parameters": the_plan.parameters,
                "output_files": len(groups), "peak_memory_bytes": ready.peak_memory_bytes(shard_size), "notes": ready.notes}
     if as_json:
         _print_json({**summary, "tensors": the_plan.rows()})

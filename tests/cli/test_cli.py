@@ -237,3 +237,16 @@ def test_roundtrip_and_diff_print_one_row_per_pattern_and_quiet_prints_the_verdi
     code, out, _ = run(capsys, "diff", str(te_checkpoint), str(tmp_path / "hf"), "--json")
     report = json.loads(out)
     assert len(report["tensors"]) == 78 + 27 and "--rules" in report["suggestion"]
+
+
+def test_plan_sizes_the_cast_and_plans_a_reshard(te_checkpoint, capsys):
+    code, out, _ = run(capsys, "plan", str(te_checkpoint), "--json")
+    full = json.loads(out)
+    code, out, _ = run(capsys, "plan", str(te_checkpoint), "--json", "--dtype", "bfloat16")
+    half = json.loads(out)
+    assert code == 0 and half["target_bytes"] * 2 == full["target_bytes"]  # fp32 -> bf16
+    code, out, _ = run(capsys, "plan", str(te_checkpoint), "--json", "--to", "neox", "--tp", "4")
+    resharded = json.loads(out)
+    assert code == 0 and resharded["direction"] == "neox-to-neox" and resharded["parameters"]["tp"] == 4
+    code, _, err = run(capsys, "plan", str(te_checkpoint), "--tp", "4")
+    assert code == 2 and "--tp does not apply to a neox -> hf conversion" in err
