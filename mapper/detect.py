@@ -6,7 +6,9 @@ the switch parameters, which come from the model config. So detection reads the 
 the keys confirm it: the candidates are the rule sets whose ``variant`` the config allows (the
 architecture), and one *fits* when it compiles against the manifest with the config's parameters
 (every tensor consumed, every required rule matched, every shape right) -- the same proof a
-conversion needs. When none fits, the keys are read for what the config may have wrong
+conversion needs. Rule sets that fit the same keys but convert to different HF targets (Llama and
+Mistral) are told apart by what each target can represent (:func:`mapper.configs.hf.representation_problems`).
+When none fits, the keys are read for what the config may have wrong
 (:mod:`mapper.configs.switches`) and that is what the error says. Without a config, the switches
 are taken from the keys.
 """
@@ -18,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mapper.configs import NeoXModelConfig
+from mapper.configs.hf import TARGET_OF_RULES, representation_problems
 from mapper.configs.switches import KeyEvidence, contradictions, evidence_from_keys
 from mapper.engine import Plan, compile_plan
 from mapper.errors import CompileError, MapperError
@@ -34,6 +37,7 @@ class Candidate:
     plan: Plan | None = None
     reasons: list[str] = field(default_factory=list)  # why it does not fit
     unused_optional: list[str] = field(default_factory=list)
+    unrepresentable: list[str] = field(default_factory=list)  # what its HF target cannot represent
     notes: list[str] = field(default_factory=list)  # evidence other than keys (e.g. a record file)
 
     @property
@@ -74,7 +78,8 @@ class Detection:
             "candidates": [
                 {
                     "rules": c.rules.name, "fits": c.fits, "reasons": c.reasons[:5],
-                    "unused_optional_rules": c.unused_optional, "evidence": c.evidence(),
+                    "unused_optional_rules": c.unused_optional, "unrepresentable": c.unrepresentable,
+                    "evidence": c.evidence(),
                 }
                 for c in self.candidates
             ],
@@ -136,12 +141,18 @@ def detect(
     keys = evidence_from_keys(manifest)
     tried = [_try(rules, manifest, parameters, model)
              for rules in (candidates or builtin_rule_sets(source="neox", presets=False))]
-    fitting = sorted((c for c in tried if c.fits), key=lambda c: len(c.unused_optional))
+    fitting = sorted((c for c in tried if c.fits), key=_rank)
     chosen = None
-    if fitting and (len(fitting) == 1 or len(fitting[0].unused_optional) < len(fitting[1].unused_optional)):
+    if fitting and (len(fitting) == 1 or _rank(fitting[0]) < _rank(fitting[1])):
         chosen = fitting[0]
     conflicts = contradictions(model.model_dump(), keys) if model is not None else []
     return Detection(chosen, tried, keys, conflicts)
+
+
+def _rank(candidate: Candidate) -> tuple[int, int]:
+    """Best first: the HF target that represents the model (fewest problems), then the most specific
+    rule set (fewest unused optional rules)."""
+    return len(candidate.unrepresentable), len(candidate.unused_optional)
 
 
 def require_single(detection: Detection, what: str) -> RuleSet:
@@ -191,6 +202,9 @@ def _try(rules: RuleSet, manifest: Manifest, parameters: Mapping[str, int], mode
     except MapperError as error:
         candidate.reasons.append(error.message)
         return candidate
+    target = TARGET_OF_RULES.get(rules.target or "")
+    if target is not None and model is not None:
+        candidate.unrepresentable = representation_problems(model, target.arch)
     used = {n.op.id for n in candidate.plan.nodes}
     candidate.unused_optional = [
         op.id for op in rules.ops

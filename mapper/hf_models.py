@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from mapper.configs import TARGETS
 from mapper.errors import CheckpointError, MapperError
 from mapper.formats.output import write_bytes_atomic
 
@@ -43,7 +44,7 @@ def config_object(config: Mapping[str, Any]) -> Any:
     data = dict(config)
     model_type = data.pop("model_type", None)
     if model_type is None:
-        raise CheckpointError("config.json has no model_type", hint="add model_type (gpt_neox or llama)")
+        raise CheckpointError("config.json has no model_type", hint=f"add model_type ({' or '.join(TARGETS)})")
     for key in ("architectures", "transformers_version"):
         data.pop(key, None)
     try:

@@ -1,8 +1,9 @@
 """HF ``config.json`` out of a :class:`NeoXModelConfig`, and back; one :class:`HFTarget` per HF architecture.
 
 A target says what its HF model can compute (norm family, gated MLP, GQA, parallel residual,
-partial rotary) and which ``config.json`` fields it has beyond the ones every target shares (those
-are declared on the model fields themselves, :mod:`mapper.configs.settings`). From that:
+partial rotary, which biases, a sliding window) and which ``config.json`` fields it has beyond the
+ones every target shares (those are declared on the model fields themselves,
+:mod:`mapper.configs.settings`). From that:
 
 - :func:`check_representable` refuses, before any tensor is read, what the target cannot express;
 - :func:`approximations` lists what it expresses only approximately (a small, measured numerical
@@ -32,7 +33,11 @@ class HFTarget:
     holding the same value (both directions); ``shapes`` reads fields off the converted tensors
     (``config.json`` field -> (tensor key, dimension)): the tensors are the truth for the MLP width
     and the (possibly trimmed) vocabulary; ``defaults`` are transformers' defaults for fields a
-    ``config.json`` may leave out.
+    ``config.json`` may leave out. ``attention_bias`` / ``mlp_bias`` say whether its modules can
+    have biases (``"optional"``: a ``config.json`` field says; ``"always"``, ``"never"``: fixed by
+    its code). ``sliding_window`` targets (Mistral) attend to a window of the last
+    ``sliding_window`` keys -- NeoX's ``sliding_window_width`` + 1, as NeoX's window excludes the
+    query's own key -- and represent only models with one; the others attend to every earlier key.
     """
 
     arch: str  # config.json model_type
@@ -43,6 +48,9 @@ class HFTarget:
     gqa: bool
     parallel_residual: bool
     partial_rotary: bool
+    attention_bias: Literal["optional", "never"] = "optional"
+    mlp_bias: Literal["always", "optional", "never"] = "optional"
+    sliding_window: bool = False
     fields: Mapping[str, str] = field(default_factory=dict)
     shapes: Mapping[str, tuple[str, int]] = field(default_factory=dict)
     defaults: Mapping[str, Any] = field(default_factory=dict)
@@ -51,7 +59,7 @@ class HFTarget:
 TARGETS: dict[str, HFTarget] = {
     "gpt_neox": HFTarget(
         arch="gpt_neox", architecture="GPTNeoXForCausalLM", rules_target="hf-gpt-neox", norm="layernorm",
-        gated_mlp=False, gqa=False, parallel_residual=True, partial_rotary=True,
+        gated_mlp=False, gqa=False, parallel_residual=True, partial_rotary=True, mlp_bias="always",
         fields={"layer_norm_eps": "layernorm_epsilon", "use_parallel_residual": "gpt_j_residual",
                 "rope_parameters.partial_rotary_factor": "rotary_pct"},
         shapes={"intermediate_size": ("gpt_neox.layers.0.mlp.dense_4h_to_h.weight", 1),
@@ -67,6 +75,16 @@ TARGETS: dict[str, HFTarget] = {
                 "vocab_size": ("model.embed_tokens.weight", 0)},
         defaults={"rms_norm_eps": 1e-6, "hidden_act": "silu", "partial_rotary_factor": 1.0,
                   "tie_word_embeddings": False, "attention_bias": False, "mlp_bias": False},
+    ),
+    "mistral": HFTarget(
+        arch="mistral", architecture="MistralForCausalLM", rules_target="hf-mistral", norm="rmsnorm",
+        gated_mlp=True, gqa=True, parallel_residual=False, partial_rotary=False,
+        attention_bias="never", mlp_bias="never", sliding_window=True,
+        fields={"num_key_value_heads": "num_kv_heads", "rms_norm_eps": "rms_norm_epsilon"},
+        shapes={"intermediate_size": ("model.layers.0.mlp.down_proj.weight", 1),
+                "vocab_size": ("model.embed_tokens.weight", 0)},
+        defaults={"rms_norm_eps": 1e-6, "hidden_act": "silu", "partial_rotary_factor": 1.0,
+                  "tie_word_embeddings": False, "attention_bias": False, "mlp_bias": False, "sliding_window": 4096},
     ),
 }
 TARGET_OF_RULES = {t.rules_target: t for t in TARGETS.values()}
@@ -102,6 +120,19 @@ def approximations(model: NeoXModelConfig, arch: str | None = None) -> list[Appr
             hf=f"one eps for every norm: {model.norm_eps}, the config's",
             effect="~1e-5 relative on the logits of a random model; `mapper verify` measures it",
         ))
+    width = model.sliding_window_width
+    if width is not None and model.effective_sliding_window is None:  # global attention (TE's is refused)
+        found.append(Approximation(
+            setting="sliding-window-width with global attention",
+            neox=f"no window at inference: gpt-neox's global attention ignores sliding-window-width {width} "
+            "(only its flash attention applies it); its training mask did apply the window (each token "
+            f"attending to the {width + 1} last) wherever the unfused softmax ran: fp32, sequences over 2048 "
+            "tokens, or without the upper-triangular fused softmax",
+            hf="full causal attention, as gpt-neox's inference",
+            effect=f"none on sequences of at most {width + 1} tokens; if the model learned the window, longer "
+            "sequences see more than it was trained on (if it was trained with the window, set attention-config "
+            "to flash in the config: it then converts with the window)",
+        ))
     if model.norm == "rmsnorm" and model.rmsnorm_formula == "pre-1345":
         found.append(Approximation(
             setting="RMSNorm formula",
@@ -115,6 +146,21 @@ def approximations(model: NeoXModelConfig, arch: str | None = None) -> list[Appr
 def check_representable(model: NeoXModelConfig, arch: str, *, strict: bool = False) -> None:
     """Raise one MapperError listing every setting ``arch`` cannot represent (with ``strict``, also
     every approximation)."""
+    problems = representation_problems(model, arch, strict=strict)
+    if problems:
+        others = [a for a in TARGETS if a != arch]
+        raise MapperError(
+            f"this NeoX model cannot be represented as HF {arch}:\n" + "\n".join(f"  - {p}" for p in problems),
+            where="config",
+            hint="nothing was converted; fix the config if it is wrong"
+            + (f", or try {' / '.join(others)} if the model fits it" if others else ""),
+        )
+
+
+def representation_problems(model: NeoXModelConfig, arch: str, *, strict: bool = False) -> list[str]:
+    """Every setting of ``model`` HF ``arch`` cannot represent (with ``strict``, also every approximation).
+    Detection ranks rule sets that fit the same keys but convert to different targets (Llama or
+    Mistral) by it."""
     spec = target(arch)
     problems: list[str] = []
     if model.pos_emb != "rotary":
@@ -132,8 +178,25 @@ def check_representable(model: NeoXModelConfig, arch: str, *, strict: bool = Fal
         problems.append(f"activation {model.activation!r}: HF {arch} computes SwiGLU (silu) only")
     if model.is_gqa and not spec.gqa:
         problems.append(f"num-kv-heads {model.num_kv_heads} != heads {model.num_heads}: HF {arch} has no GQA")
-    if not spec.gated_mlp and not model.mlp_has_bias:
+    if spec.mlp_bias == "always" and not model.mlp_has_bias:
         problems.append(f"use-bias-in-mlp false: HF {arch}'s MLP always has biases")
+    if spec.mlp_bias == "never" and model.mlp_has_bias:
+        why = "TE LayerNormMLP always has them" if model.te_layernorm_mlp else "use-bias-in-mlp true"
+        problems.append(f"MLP biases ({why}): HF {arch}'s MLP has none")
+    if spec.attention_bias == "never" and model.attn_has_bias:
+        why = "TE attention always has them" if model.te_mha else "use-bias-in-attn-linear true"
+        problems.append(f"attention biases ({why}): HF {arch}'s attention has none")
+    window = model.effective_sliding_window
+    if window is not None and not spec.sliding_window:
+        windowed = [t.arch for t in TARGETS.values() if t.sliding_window]
+        problems.append(f"sliding-window-width {window} with flash attention: HF {arch} attends to every earlier "
+                        f"token (HF {' / '.join(windowed)} has a sliding window)")
+    if window is None and spec.sliding_window:
+        why = ("sliding-window-width unset" if model.sliding_window_width is None
+               else "sliding-window-width on global attention, which gpt-neox runs without the window")
+        dense = [t.arch for t in TARGETS.values() if not t.sliding_window and t.gated_mlp == spec.gated_mlp]
+        problems.append(f"no sliding window ({why}): HF {arch} is for sliding-window attention; without one "
+                        f"the model is HF {' / '.join(dense)}")
     if not spec.partial_rotary and model.rotary_pct != 1.0:
         problems.append(f"rotary-pct {model.rotary_pct}: HF {arch} rotates whole heads (partial rotary "
                         "is ignored by its default rope)")
@@ -142,14 +205,7 @@ def check_representable(model: NeoXModelConfig, arch: str, *, strict: bool = Fal
     if strict:
         problems += [f"{a.setting} (--strict refuses approximations): NeoX computes {a.neox}; HF would compute {a.hf}"
                      for a in approximations(model, arch)]
-    if problems:
-        others = [a for a in TARGETS if a != arch]
-        raise MapperError(
-            f"this NeoX model cannot be represented as HF {arch}:\n" + "\n".join(f"  - {p}" for p in problems),
-            where="config",
-            hint="nothing was converted; fix the config if it is wrong"
-            + (f", or try {' / '.join(others)} if the model fits it" if others else ""),
-        )
+    return problems
 
 
 def hf_activation(model: NeoXModelConfig) -> str:
@@ -183,13 +239,20 @@ def hf_config(model: NeoXModelConfig, arch: str, *, shapes: Mapping[str, tuple[i
         vocab_size=model.vocab_size,
         intermediate_size=model.mlp_widths().out_inputs,
         max_position_embeddings=model.positions,
-        attention_bias=model.attn_has_bias,
         hidden_act=hf_activation(model),
         dtype={"fp32": "float32", "fp16": "float16", "bfloat16": "bfloat16"}[model.precision],
         use_cache=True,
     )
+    if spec.attention_bias == "optional":
+        config["attention_bias"] = model.attn_has_bias
     if spec.gated_mlp:
-        config.update(head_dim=model.head_dim, mlp_bias=model.mlp_has_bias)
+        config["head_dim"] = model.head_dim
+    if spec.mlp_bias == "optional":
+        config["mlp_bias"] = model.mlp_has_bias
+    if spec.sliding_window and model.effective_sliding_window is not None:
+        # NeoX's width W excludes the query's own key (flash-attn window_size=(W, -1): keys i-W..i);
+        # HF's sliding_window counts every key attended to (masking_utils: kv_idx > q_idx - sliding_window)
+        config["sliding_window"] = model.effective_sliding_window + 1
     for name, (key, dim) in spec.shapes.items():
         if shapes is not None and key in shapes:
             config[name] = int(shapes[key][dim])
@@ -233,8 +296,11 @@ def model_from_hf_config(config: Mapping[str, Any], *, tp: int = 1) -> NeoXModel
         max_position_embeddings=config.get("max_position_embeddings"),
         seq_length=config.get("max_position_embeddings"),
         precision=_precision_from_dtype(config.get("dtype") or config.get("torch_dtype")),
-        use_bias_in_attn_linear=config.get("attention_bias", spec.defaults.get("attention_bias", False)),
+        use_bias_in_attn_linear=(config.get("attention_bias", spec.defaults.get("attention_bias", False))
+                                 if spec.attention_bias == "optional" else False),
     )
+    if spec.sliding_window:
+        values.update(_hf_sliding_window(config, spec))
     values.setdefault("num_kv_heads", heads)
     act = config.get("hidden_act", spec.defaults.get("hidden_act"))
     inter = config["intermediate_size"]
@@ -251,7 +317,8 @@ def model_from_hf_config(config: Mapping[str, Any], *, tp: int = 1) -> NeoXModel
         values.update(
             norm="rmsnorm", use_bias_in_norms=False, activation="swiglu", mlp_multiple_of=1,
             intermediate_size=3 * inter if isinstance(inter, int) else inter,  # NeoX: int(3f*2/3) = 2f rows
-            use_bias_in_mlp=config.get("mlp_bias", spec.defaults.get("mlp_bias", False)),
+            use_bias_in_mlp=(config.get("mlp_bias", spec.defaults.get("mlp_bias", False))
+                             if spec.mlp_bias == "optional" else spec.mlp_bias == "always"),
         )
     else:
         gelu_tanh = {"gelu_pytorch_tanh", "gelu_new", "gelu_fast", "gelu_python_tanh"}
@@ -275,10 +342,26 @@ def _required(config: Mapping[str, Any], keys: tuple[str, ...]) -> None:
                           hint="an HF config.json names the model's sizes; regenerate it with transformers")
 
 
+def _hf_sliding_window(config: Mapping[str, Any], spec: HFTarget) -> dict[str, Any]:
+    """NeoX settings for HF ``sliding_window`` (None: full attention): width = window - 1, on flash
+    attention (the NeoX path that applies it)."""
+    window = config.get("sliding_window", spec.defaults.get("sliding_window"))
+    if window is None:
+        return {}
+    if not isinstance(window, int) or isinstance(window, bool) or window < 1:
+        raise MapperError(f"sliding_window must be a positive integer or null, got {window!r}",
+                          where="config.json: sliding_window", hint="fix config.json (the keys each token attends to)")
+    layers = config.get("num_hidden_layers")
+    return {"sliding_window_width": window - 1,
+            "attention_config": [[["flash"], layers if isinstance(layers, int) else 1]]}
+
+
 def _hf_names(spec: HFTarget) -> dict[str, str]:
     """Model field -> the config.json field it came from, for error messages."""
     names = {name: marker.hf for name, marker in settings(NeoXModelConfig) if marker.hf}
     names.update({name: hf for hf, name in spec.fields.items()})
+    if spec.sliding_window:
+        names.update(sliding_window_width="sliding_window")
     names.update(rotary_emb_base="rope_parameters.rope_theta", rotary_pct="rope_parameters.partial_rotary_factor",
                  intermediate_size="intermediate_size", orig_vocab_size="vocab_size")
     return names

@@ -15,6 +15,12 @@ table the YAML and HF translations read. The NeoX facts were read in EleutherAI/
   ``intermediate_size`` (or ``expansion_factor * hidden``, else ``4 * hidden``) as is, its norm eps
   is hard-coded (1e-5 LayerNorm, 1e-8 RMSNorm), its activation is TE's (GELU = tanh);
   ``TEMultiheadAttention`` and ``TELayerNormMLP`` always build biases.
+- sliding-window attention (``sliding_window_width`` W, gpt-neox #1131): the flash-attention path
+  passes ``window_size=(W, -1)`` to flash-attn, so the query at position i attends to keys
+  i-W .. i, W + 1 of them (``megatron/model/transformer.py`` ``flash_attention``; the training
+  mask of ``megatron/utils.py`` ``get_attn_mask``, ``triu(diagonal=-W)``, keeps the same keys).
+  NeoX's global attention gets no window at inference (``text_generation_utils.py`` builds the mask
+  without it); TE attention gets ``window_size=W`` in a form not modelled here.
 """
 
 from __future__ import annotations
@@ -41,6 +47,19 @@ MAX_INT = 2**31 - 1  # no model setting is larger; bigger values are typos or ho
 
 Count = Annotated[int, Field(gt=0, le=MAX_INT)]
 Epsilon = Annotated[float, Field(gt=0.0, lt=1.0)]
+
+
+def attention_types(attention: Any) -> list[str]:
+    """``[[["global", "flash"], 6]]`` -> ``["global", "flash"]``; an expanded list of strings passes through."""
+    if not isinstance(attention, list):
+        return []
+    kinds: list[str] = []
+    for item in attention:
+        if isinstance(item, str):
+            kinds.append(item)
+        elif isinstance(item, (list, tuple)) and item and isinstance(item[0], (list, tuple)):
+            kinds.extend(str(k) for k in item[0])
+    return kinds
 
 
 class MLPWidths(BaseModel):
@@ -136,6 +155,12 @@ class NeoXModelConfig(BaseModel):
         default=None, description="`seq-length` (training context).")
     max_position_embeddings: Annotated[Count | None, neox("max_position_embeddings")] = Field(
         default=None, description="`max-position-embeddings` (NeoX default: seq-length).")
+    attention_config: Annotated[list[Any] | None, neox("attention_config")] = Field(
+        default=None, description="`attention-config` as written (`[[[\"flash\"], 32]]`; None = global "
+        "everywhere); mapper computes global and flash attention, which differ only in the sliding window.")
+    sliding_window_width: Annotated[int | None, Field(ge=0, le=MAX_INT), neox("sliding_window_width")] = Field(
+        default=None, description="`sliding-window-width` W: with flash attention each query attends to "
+        "itself and the W keys before it (W + 1 keys; HF `sliding_window` counts them: W + 1).")
 
     # Transformer Engine switches (independent flags: any mix can exist on disk)
     te_mha: Annotated[bool, neox("te_mha", also=("te_fp8_mha",))] = Field(
@@ -179,6 +204,12 @@ class NeoXModelConfig(BaseModel):
             problems.append(f"vocab_size {self.vocab_size} is not divisible by tp {self.tp}")
         if self.mlp_type == "llama" and not self.is_gated:
             problems.append("mlp_type llama is a gated (silu) MLP: activation must be swiglu")
+        if self.sliding_window_width is not None and self.te_mha:
+            problems.append("sliding-window-width with te-mha: NeoX passes the width to TE's attention in a form "
+                            "mapper does not model (use NeoX's own attention with flash)")
+        if self.sliding_window_width is not None and len(set(self.attention_kinds)) > 1:
+            problems.append(f"sliding-window-width with attention-config mixing {' and '.join(sorted(set(self.attention_kinds)))}: "
+                            "the window applies to the flash layers only (HF has one window for every layer)")
         if self.gqa_layout == "pre-1315" and self.is_gqa and (self.head_dim * self.num_kv_heads) % self.num_heads:
             problems.append(f"the pre-1315 GQA layout needs head_dim * num_kv_heads ({self.head_dim} * "
                             f"{self.num_kv_heads}) divisible by num_heads ({self.num_heads})")
@@ -216,6 +247,24 @@ class NeoXModelConfig(BaseModel):
     def is_llama_architecture(self) -> bool:
         """RMSNorm + SwiGLU: what HF `LlamaForCausalLM` computes."""
         return self.is_rmsnorm and self.activation == "swiglu"
+
+    @property
+    def attention_kinds(self) -> list[str]:
+        """The attention types of ``attention_config`` (``[[["flash"], 2]]`` -> ``["flash"]``), as
+        NeoX's ``expand_attention_types`` reads them; ``["global"]`` without one."""
+        return attention_types(self.attention_config) or ["global"]
+
+    @property
+    def effective_sliding_window(self) -> int | None:
+        """NeoX's ``sliding_window_width`` where NeoX applies it, else None (full causal attention).
+
+        gpt-neox applies the width on its flash-attention path only; global attention gets no window
+        at inference (and in training only where the unfused softmax ran: see
+        :func:`mapper.configs.hf.approximations`).
+        """
+        if self.sliding_window_width is None or set(self.attention_kinds) != {"flash"}:
+            return None
+        return self.sliding_window_width
 
     @property
     def tied(self) -> bool:
@@ -350,6 +399,7 @@ class NeoXModelConfig(BaseModel):
             "te_layernorm_mlp": int(self.te_layernorm_mlp),
             "te_norm": int(self.is_te_norm),
             "gqa_pre_1315": int(self.gqa_layout == "pre-1315"),
+            "legacy_mlp": int(self.mlp_type == "llama"),
         }
 
     # ---- translations (see mapper.configs.neox_yaml and mapper.configs.hf) -----------------------

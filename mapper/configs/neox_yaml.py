@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from mapper.configs.model import Activation, Norm, PosEmb, NeoXModelConfig
+from mapper.configs.model import Activation, Norm, PosEmb, NeoXModelConfig, attention_types
 from mapper.configs.settings import settings
 from mapper.errors import MapperError
 from mapper.input_files import read_text
@@ -234,7 +234,6 @@ _UNSUPPORTED: dict[str, tuple[Any, str]] = {
     # key: (value that is fine, why anything else is refused)
     "use_qk_layernorm": (False, "QK layernorm is not modelled by mapper"),
     "use_mup": (False, "muP rescales logits and attention; not modelled by mapper"),
-    "sliding_window_width": (None, "sliding-window attention is not modelled by mapper"),
     "opt_pos_emb_offset": (0, "the OPT position offset is not modelled by mapper"),
 }
 
@@ -259,27 +258,14 @@ def reject_unsupported(args: Mapping[str, Any]) -> None:
     if not isinstance(experts, int) or experts > 1:
         raise MapperError("mixture-of-experts models are not supported", where="config: moe_num_experts",
                           hint="mapper converts dense GPT-NeoX and Llama-architecture models")
-    for kind in _attention_types(args.get("attention_config")):
+    for kind in attention_types(args.get("attention_config")):
         if kind not in ("global", "flash"):
             raise MapperError(f"attention type {kind!r} is not supported (only global/flash attention)",
                               where="config: attention_config",
-                              hint="HF GPT-NeoX and Llama compute dense causal attention only")
+                              hint="HF models compute causal attention (dense, or Mistral's sliding window) only")
     if args.get("output_layer_parallelism") not in (None, "column"):
         raise MapperError("output-layer-parallelism must be column", where="config: output_layer_parallelism",
                           hint="mapper merges the output layer as NeoX's default column-parallel layout")
-
-
-def _attention_types(attention: Any) -> list[str]:
-    """``[[["global"], 12]]`` -> ``["global"]``; an expanded list of strings passes through."""
-    if not isinstance(attention, list):
-        return []
-    kinds: list[str] = []
-    for item in attention:
-        if isinstance(item, str):
-            kinds.append(item)
-        elif isinstance(item, (list, tuple)) and item and isinstance(item[0], (list, tuple)):
-            kinds.extend(str(k) for k in item[0])
-    return kinds
 
 
 def _precision(args: Mapping[str, Any]) -> str:

@@ -12,7 +12,7 @@ from mapper.spec.models import RuleSet
 
 # Parameters that switch parts of a rule set on or off (the rest are sizes).
 SWITCH_PARAMETERS = ("te_norm", "te_mha", "te_layernorm_mlp", "te_columnparallel", "te_rowparallel",
-                     "gpt_j_residual", "gqa_pre_1315")
+                     "gpt_j_residual", "gqa_pre_1315", "legacy_mlp")
 
 
 def builtin_rule_sets(source: str | None = None, target: str | None = None, *, presets: bool = True) -> list[RuleSet]:
@@ -23,12 +23,13 @@ def builtin_rule_sets(source: str | None = None, target: str | None = None, *, p
 
 
 def switches_followed(ruleset: RuleSet) -> list[str]:
-    """The switch parameters whose value turns parts of ``ruleset`` on or off."""
+    """The switch parameters whose value turns parts of ``ruleset`` on or off (and its ``variant``
+    does not fix)."""
     used: set[str] = set()
     for op in ruleset.ops:
         if op.when:
             used |= parse(op.when).names
-    return [name for name in SWITCH_PARAMETERS if name in used]
+    return [name for name in SWITCH_PARAMETERS if name in used and not isinstance(ruleset.variant.get(name), bool)]
 
 
 def describe_variant(variant: dict) -> str:

@@ -57,6 +57,9 @@ _LLAMA: dict[str, Any] = dict(
     no_weight_tying=True, intermediate_size=192,  # NeoX gated sizing: 192 -> 128 rows, 64 inputs
 )
 _TE_FULL = dict(te_mha=True, te_layernorm_mlp=True)
+# Sliding window (gpt-neox configs/mistral): NeoX width 4, i.e. 5 keys per query, on flash attention;
+# shorter than the test sequences, so the window decides the output.
+_MISTRAL = dict(_LLAMA, sliding_window_width=4, attention_config=[[["flash"], 2]])
 
 _VARIANTS: dict[str, Variant] = {
     "neox-legacy": Variant("GPT-NeoX, legacy names (dense_h_to_4h), parallel residual, untied, "
@@ -92,14 +95,21 @@ _VARIANTS: dict[str, Variant] = {
     "llama-te": Variant("Llama architecture on TE: te_mha (per-group GQA QKV) + RMSNorm LayerNormMLP "
                         "(fc1 = [gate; up] per shard); TE forces biases", "new",
                         dict(_LLAMA, **_TE_FULL, intermediate_size=64, rms_norm_epsilon=1e-8)),
+    "mistral": Variant("llama-new with sliding-window-width 4 on flash attention (HF Mistral's window of 5)",
+                       "new", dict(_MISTRAL)),
+    "mistral-legacy": Variant("the first gpt-neox configs/mistral: sliding window, legacy MLP names mlp.w1/w2/w3, "
+                              "GQA QKV before #1315, RMSNorm before #1345", "legacy",
+                              dict(_MISTRAL, mlp_type="llama", intermediate_size=64, gqa_layout="pre-1315",
+                                   rmsnorm_formula="pre-1345")),
 }
 
 VARIANTS: dict[str, str] = {name: v.description for name, v in _VARIANTS.items()}
 
 # The shipped rule set that converts each variant (what `mapper detect` must pick): one per
-# architecture and MLP naming, whatever the TE switches.
+# architecture (and HF target) and MLP naming, whatever the TE switches.
 SHIPPED_RULE_SET: dict[str, str] = {
-    name: ("neox-llama-legacy-to-hf-llama" if v.overrides.get("mlp_type") == "llama"
+    name: ("neox-llama-to-hf-mistral" if v.overrides.get("sliding_window_width") is not None
+           else "neox-llama-legacy-to-hf-llama" if v.overrides.get("mlp_type") == "llama"
            else "neox-legacy-to-hf-gpt-neox" if v.naming == "legacy"
            else "neox-llama-to-hf-llama" if v.overrides.get("activation") == "swiglu"
            else "neox-to-hf-gpt-neox")

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mapper.configs import TARGETS
 from mapper.errors import CheckpointError, MapperError
 
 Tensor = torch.Tensor
@@ -32,7 +33,7 @@ Tensor = torch.Tensor
 
 @dataclass(frozen=True)
 class HFParts:
-    """Where the stages live in a transformers causal LM (GPTNeoX or Llama)."""
+    """Where the stages live in a transformers causal LM (GPTNeoX, or Llama's layout)."""
 
     base: nn.Module
     embedding: nn.Module
@@ -52,7 +53,8 @@ def hf_parts(model: nn.Module) -> HFParts:
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if layers is None or norm is None or embedding is None or head is None:
         raise MapperError(f"cannot find the embedding, decoder layers, final norm and output layer in "
-                          f"{type(model).__name__}", hint="mapper verifies GPTNeoXForCausalLM and LlamaForCausalLM models")
+                          f"{type(model).__name__}",
+                          hint=f"mapper verifies {', '.join(t.architecture for t in TARGETS.values())} models")
     return HFParts(base, embedding, list(layers), norm, head)
 
 

@@ -25,8 +25,8 @@ Usage (from a gpt-neox checkout, or with ``--neox-path``)::
 ``global_stepN/configs/*.yml``. The script starts one process per tensor-parallel rank itself
 (NCCL on GPUs, gloo on CPU); under a launcher that sets ``RANK``/``WORLD_SIZE`` (``torchrun
 --nproc_per_node TP``, ``deepspeed --num_gpus TP``) it joins it instead. On CPU the CUDA-only
-kernels are switched off (fused softmax, fused rotary, flash attention); Transformer Engine needs a
-GPU. Tensors are read with ``torch.load(weights_only=True)`` only.
+kernels are switched off (fused softmax, fused rotary, flash attention: a sliding window is then
+applied by the attention mask, as gpt-neox's training does); Transformer Engine needs a GPU. Tensors are read with ``torch.load(weights_only=True)`` only.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ SETTINGS = (  # gpt-neox's effective model settings, recorded for mapper's confi
     "norm", "layernorm_epsilon", "rms_norm_epsilon", "use_bias_in_norms", "activation", "bias_gelu_fusion",
     "use_bias_in_attn_linear", "use_bias_in_mlp", "gpt_j_residual", "gpt_j_tied", "pos_emb", "rotary_pct",
     "rotary_emb_base", "no_weight_tying", "seq_length", "max_position_embeddings", "te_mha", "te_fp8_mha",
-    "te_layernorm_mlp", "te_columnparallel", "te_rowparallel", "precision",
+    "te_layernorm_mlp", "te_columnparallel", "te_rowparallel", "precision", "sliding_window_width",
 )
 CPU_OVERRIDES = {  # CUDA-only kernels off; see mapper's docs/verification.md
     "use_cpu_initialization": True,
@@ -268,7 +268,11 @@ def capture(model, neox_args, ids: torch.Tensor) -> dict[str, torch.Tensor]:
             inner = layer.mlp if getattr(neox_args, "te_layernorm_mlp", False) else layer.post_attention_layernorm
             handles.append(inner.register_forward_pre_hook(keep(f"blocks.{i}.after_attention", True, True)))
     handles.append(points["norm"].register_forward_hook(keep("final_norm", False)))
-    attention_mask, _, position_ids = get_ltor_masks_and_position_ids(ids, 0)
+    # the window as training applies it (W + 1 keys, like flash-attn's window_size=(W, -1)): on CPU,
+    # where flash attention is off, the global path's mask carries it
+    width = getattr(neox_args, "sliding_window_width", None)
+    window = {"sliding_window_width": width} if width is not None else {}
+    attention_mask, _, position_ids = get_ltor_masks_and_position_ids(ids, 0, **window)
     with torch.no_grad():
         logits = model((ids, position_ids, attention_mask))
     for handle in handles:
@@ -364,7 +368,8 @@ def run(rank: int, world_size: int, args: argparse.Namespace) -> None:
         "gpt_neox_commit": neox_commit(neox_path),
         "gpt_neox_path": neox_path,
         "torch_version": torch.__version__,
-        "neox_settings": json.dumps({key: getattr(neox_args, key, None) for key in SETTINGS}, default=str),
+        "neox_settings": json.dumps({**{key: getattr(neox_args, key, None) for key in SETTINGS},
+                                     "attention_config": config.get("attention_config")}, default=str),  # as trained
     }
     try:
         if rank == 0:

@@ -276,15 +276,21 @@ def split_qkv(mixed: Tensor, config: NeoXModelConfig, layout: Literal["neox", "t
     return q.reshape(b, s, nq, hd), k.reshape(b, s, nkv, hd), v.reshape(b, s, nkv, hd)
 
 
-def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+def causal_attention(q: Tensor, k: Tensor, v: Tensor, window: int | None = None) -> Tensor:
     """Softmax(q k^T / sqrt(hd), causal) v with K/V heads ``repeat_interleave``d for GQA.
-    Returns [b, s, nq * hd] (heads concatenated, as ``context_layer.view(..., hp)``)."""
+    Returns [b, s, nq * hd] (heads concatenated, as ``context_layer.view(..., hp)``).
+
+    ``window`` is NeoX's ``sliding_window_width`` W: the query at position i attends to keys
+    i-W .. i (W + 1 keys), as flash-attn's ``window_size=(W, -1)`` that NeoX's flash path passes
+    (and its training mask, ``megatron/utils.py`` ``get_attn_mask``: ``triu(diagonal=-W)``)."""
     b, s, nq, hd = q.shape
     rep = nq // k.shape[2]
     if rep > 1:
         k, v = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
     scores = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) / hd**0.5
     mask = torch.ones(s, s, dtype=torch.bool, device=q.device).triu(1)
+    if window is not None:
+        mask |= torch.ones(s, s, dtype=torch.bool, device=q.device).tril(-window - 1)
     probs = scores.masked_fill(mask, float("-inf")).softmax(-1)
     ctx = torch.einsum("bhqk,bkhd->bqhd", probs, v.float()).to(q.dtype)
     return ctx.reshape(b, s, nq * hd)
@@ -321,7 +327,7 @@ def attention_block(x: Tensor, layer: LayerTensors, config: NeoXModelConfig) -> 
         q, k, v = split_qkv(F.linear(x, w, b), config, "te" if te else "neox")
         if cos is not None:
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        partials.append(F.linear(causal_attention(q, k, v), wo))
+        partials.append(F.linear(causal_attention(q, k, v, config.effective_sliding_window), wo))
     return RowParallelResult(partials, layer.optional_replicated(f"{out}.bias"), te or config.te_rowparallel)
 
 

@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
-from mapper.configs import NeoXModelConfig
+from mapper.configs import TARGETS, NeoXModelConfig
 from mapper.errors import MapperError
-
-Arch = Literal["gpt_neox", "llama"]
 
 
 @dataclass(frozen=True)
@@ -29,22 +27,25 @@ class SettingCheck:
     meaning: str
 
 
-# field -> (architectures it exists in, what it decides)
-FIELDS: dict[str, tuple[tuple[str, ...], str]] = {
-    "hidden_size": (("gpt_neox", "llama"), "model width"),
-    "num_hidden_layers": (("gpt_neox", "llama"), "number of blocks"),
-    "num_attention_heads": (("gpt_neox", "llama"), "query heads"),
-    "num_key_value_heads": (("llama",), "key/value heads (GQA)"),
-    "hidden_act": (("gpt_neox", "llama"), "MLP activation (gelu exact vs gelu_pytorch_tanh)"),
-    "layer_norm_eps": (("gpt_neox",), "norm epsilon (NeoX layernorm-epsilon)"),
-    "rms_norm_eps": (("llama",), "norm epsilon (NeoX rms-norm-epsilon)"),
-    "rope_theta": (("gpt_neox", "llama"), "rotary base (NeoX rotary-emb-base)"),
-    "partial_rotary_factor": (("gpt_neox",), "rotated fraction of each head (NeoX rotary-pct)"),
-    "use_parallel_residual": (("gpt_neox",), "residual wiring (NeoX gpt-j-residual)"),
-    "tie_word_embeddings": (("gpt_neox", "llama"), "output layer = word embeddings (NeoX no-weight-tying)"),
-    "attention_bias": (("gpt_neox", "llama"), "attention biases"),
-    "mlp_bias": (("llama",), "MLP biases"),
+# field -> what it decides; a field is checked where the target's translation writes it
+# (mapper.configs.hf: the shared fields, the target's own, rope_parameters)
+FIELDS: dict[str, str] = {
+    "hidden_size": "model width",
+    "num_hidden_layers": "number of blocks",
+    "num_attention_heads": "query heads",
+    "num_key_value_heads": "key/value heads (GQA)",
+    "hidden_act": "MLP activation (gelu exact vs gelu_pytorch_tanh)",
+    "layer_norm_eps": "norm epsilon (NeoX layernorm-epsilon)",
+    "rms_norm_eps": "norm epsilon (NeoX rms-norm-epsilon)",
+    "rope_theta": "rotary base (NeoX rotary-emb-base)",
+    "partial_rotary_factor": "rotated fraction of each head (NeoX rotary-pct)",
+    "use_parallel_residual": "residual wiring (NeoX gpt-j-residual)",
+    "tie_word_embeddings": "output layer = word embeddings (NeoX no-weight-tying)",
+    "attention_bias": "attention biases",
+    "mlp_bias": "MLP biases",
+    "sliding_window": "keys each token attends to (NeoX sliding-window-width + 1, on flash attention)",
 }
+_ROPE = ("rope_theta", "partial_rotary_factor")
 
 
 def hf_rope(config: dict[str, Any]) -> dict[str, float]:
@@ -52,19 +53,28 @@ def hf_rope(config: dict[str, Any]) -> dict[str, float]:
     older top-level keys, with transformers' defaults."""
     rope = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
     theta = rope.get("rope_theta", config.get("rope_theta", config.get("rotary_emb_base", 10000.0)))
-    default_pct = 0.25 if config.get("model_type") == "gpt_neox" else 1.0
+    default_pct = _defaults(config).get("partial_rotary_factor", 1.0)
     pct = rope.get("partial_rotary_factor", config.get("partial_rotary_factor", config.get("rotary_pct", default_pct)))
     return {"rope_theta": float(theta), "partial_rotary_factor": float(pct)}
 
 
+def _defaults(config: dict[str, Any]) -> dict[str, Any]:
+    """transformers' defaults for the fields a ``config.json`` of this model_type may leave out."""
+    spec = TARGETS.get(str(config.get("model_type")))
+    return dict(spec.defaults) if spec is not None else {}
+
+
 def _value(config: dict[str, Any], field: str) -> Any:
-    if field in ("rope_theta", "partial_rotary_factor"):
+    if field in _ROPE:
         return hf_rope(config)[field]
     if field == "num_key_value_heads":
         return config.get(field) or config.get("num_attention_heads")
-    if field == "attention_bias" and config.get("model_type") == "gpt_neox":
-        return config.get(field, True)
-    return config.get(field)
+    return config.get(field, _defaults(config).get(field))
+
+
+def _checked(expected: dict[str, Any], field: str) -> bool:
+    """Whether the target has the field: its translation of the NeoX config writes it."""
+    return field in expected or field in (expected.get("rope_parameters") or {})
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -78,7 +88,7 @@ def _same(a: Any, b: Any) -> bool:
 def check_settings(hf_config: dict[str, Any], model: NeoXModelConfig) -> list[SettingCheck]:
     """Every semantic field of ``hf_config`` against the translation of ``model``; also the
     vocabulary (between the tokenizer's and the padded size) and whether HF can express the model."""
-    arch: Arch = "llama" if hf_config.get("model_type") == "llama" else "gpt_neox"
+    arch = str(hf_config.get("model_type"))
     checks: list[SettingCheck] = []
     try:
         expected = model.to_hf_config(arch)
@@ -86,8 +96,8 @@ def check_settings(hf_config: dict[str, Any], model: NeoXModelConfig) -> list[Se
         expected.update(intermediate_size=hf_config.get("intermediate_size"), vocab_size=hf_config.get("vocab_size"))
     except MapperError as error:
         return [SettingCheck("model", arch, None, False, f"HF {arch} cannot express this NeoX model: {error.message}")]
-    for field, (archs, meaning) in FIELDS.items():
-        if arch not in archs:
+    for field, meaning in FIELDS.items():
+        if not _checked(expected, field):
             continue
         hf, want = _value(hf_config, field), _value(expected, field)
         checks.append(SettingCheck(field, hf, want, _same(hf, want), meaning))

@@ -312,8 +312,9 @@ def test_rule_parameters() -> None:
     assert config.rule_parameters() == {
         "num_layers": 2, "hidden_size": 64, "num_heads": 4, "num_kv_heads": 2, "head_dim": 16, "tp": 2,
         "vocab_size": 112, "gpt_j_residual": 0, "tied": 0, "te_columnparallel": 0, "te_rowparallel": 0,
-        "te_mha": 1, "te_layernorm_mlp": 1, "te_norm": 0, "gqa_pre_1315": 0,
+        "te_mha": 1, "te_layernorm_mlp": 1, "te_norm": 0, "gqa_pre_1315": 0, "legacy_mlp": 0,
     }
+    assert tiny_config("llama-legacy").rule_parameters()["legacy_mlp"] == 1
     assert tiny_config("te-linear").rule_parameters()["te_rowparallel"] == 1
     assert tiny_config("neox-parallel").rule_parameters()["gpt_j_residual"] == 1
     assert tiny_config("neox-new").rule_parameters()["tied"] == 1

@@ -15,10 +15,11 @@ from typing import Any
 
 import pytest
 import torch
-from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM
 
 import mapper
 from mapper.configs import NeoXModelConfig
+from mapper.configs.hf import TARGET_OF_RULES
 from mapper.resources import rules_dir
 from mapper.testing import synthesize_variant
 
@@ -42,8 +43,7 @@ def hf_model_for(config: NeoXModelConfig, tensors: dict[str, torch.Tensor], arch
     """
     hf = config.to_hf_config(arch, shapes={k: tuple(v.shape) for k, v in tensors.items()})  # type: ignore[arg-type]
     values = {k: v for k, v in {**hf, **(hf_overrides or {})}.items() if k not in ("model_type", "architectures")}
-    config_cls, model_cls = (GPTNeoXConfig, GPTNeoXForCausalLM) if arch == "gpt_neox" else (LlamaConfig, LlamaForCausalLM)
-    model = model_cls(config_cls(**values)).eval()
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(arch, **values)).eval()
     if customize is not None:
         customize(model)
     state = {("lm_head.weight" if k == "embed_out.weight" else k): v for k, v in tensors.items()}
@@ -64,7 +64,7 @@ def convert_variant(variant: str, rules: str | Path | mapper.RuleSet, *, tp: int
     ruleset = rules if isinstance(rules, mapper.RuleSet) else mapper.load_rules(rules)
     result = mapper.convert(ruleset, neox, {**config.rule_parameters(), **(parameters or {})})
     assert result.tensors is not None
-    arch = "llama" if ruleset.target == "hf-llama" else "gpt_neox"
+    arch = TARGET_OF_RULES[ruleset.target or ""].arch
     return Converted(config, neox, result, hf_model_for(config, result.tensors, arch, customize, hf_overrides))
 
 

@@ -73,6 +73,8 @@ def gpt_neox_dump(tmp_path: Path, checkpoint: Path, source: str, *extra: str) ->
     ("neox-parallel", 2, "pipeline"),  # gpt-j residual (row-parallel biases per rank), untied
     ("llama-new", 1, "pipeline"),  # RMSNorm, SwiGLU [up; gate], GQA
     ("llama-new", 2, "pipeline"),
+    ("mistral", 1, "pipeline"),  # sliding window (flash in the config; on CPU the script's global path masks it)
+    ("mistral", 2, "sequential"),
 ])
 def test_mapper_conversion_verifies_against_gpt_neox(tmp_path: Path, variant: str, tp: int, layout: str) -> None:
     neox, config, _ = neox_checkpoint(tmp_path, variant, tp, layout)
@@ -119,8 +121,21 @@ def test_legacy_gpt_neox_matches_the_builtin_reference_with_its_history(tmp_path
         assert not judge("blocks.0", real.get("blocks.0"), current.get("blocks.0"), atol=1e-6, rtol=1e-5).ok
 
 
+@needs_current
+def test_the_sliding_window_of_gpt_neox_is_the_width_plus_the_token_itself(tmp_path: Path) -> None:
+    """gpt-neox's window (mask ``triu(diagonal=-W)``, flash-attn ``window_size=(W, -1)``): W + 1 keys.
+    mapper's reading with width W agrees with it; W + 1, or no window, does not."""
+    neox, config, tensors = neox_checkpoint(tmp_path, "mistral", 1)
+    real = ReferenceDump(gpt_neox_dump(tmp_path, neox, CURRENT))
+    assert real.get("input_ids").shape[1] > config.sliding_window_width + 1
+    for width, agrees in ((config.sliding_window_width, True), (config.sliding_window_width + 1, False), (None, False)):
+        ours = ReferenceDump(write_builtin_dump(tensors, config.model_copy(update={"sliding_window_width": width}),
+                                                tmp_path / f"ours-{width}.safetensors", real.get("input_ids")))
+        assert judge("logits", real.get("logits"), ours.get("logits"), atol=1e-6, rtol=1e-5).ok is agrees, width
+
+
 @needs_legacy
-@pytest.mark.parametrize(("variant", "tp"), [("neox-legacy", 1), ("llama-legacy", 2)])
+@pytest.mark.parametrize(("variant", "tp"), [("neox-legacy", 1), ("llama-legacy", 2), ("mistral-legacy", 2)])
 def test_legacy_names_convert_and_verify_against_gpt_neox(tmp_path: Path, variant: str, tp: int) -> None:
     """Legacy names date a checkpoint before #1315 and #1345: mapper picks both layouts from the keys
     alone, and the conversion computes what that gpt-neox computed (the RMSNorm formula within the
