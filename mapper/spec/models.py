@@ -180,8 +180,10 @@ class RuleSet(BaseModel):
         None, pattern=_SEMVER, description="Semantic version of this rule set (required for kind ruleset)."
     )
     description: str = Field(description="What this rule set converts, in one or two sentences.")
-    source: str | None = Field(None, description="Format converted from: 'neox', 'hf-gpt-neox', 'hf-llama'.")
-    target: str | None = Field(None, description="Format converted to.")
+    source: str | None = Field(
+        None, description="Format converted from: 'neox', or an HF target such as 'hf-gpt-neox', 'hf-llama', 'hf-mistral'."
+    )
+    target: str | None = Field(None, description="Format converted to (same spellings as `source`).")
     variant: dict[str, Any] = Field(
         default_factory=dict,
         description="The model settings this rule set is for (NeoX config keys, `_` spelling, and values; "

@@ -24,6 +24,7 @@ CONFIG_PARAMETERS: dict[str, str] = {
     "te_layernorm_mlp": "1 when NeoX te-layernorm-mlp is on: TE LayerNormMLP carries the pre-MLP norm",
     "te_norm": "1 when NeoX norm is te_layernorm or te_rmsnorm",
     "gqa_pre_1315": "1 for NeoX's own GQA QKV layout before gpt-neox #1315 (--set gqa_layout=pre-1315)",
+    "legacy_mlp": "1 for the legacy LLaMAParallelMLP names mlp.w1/w2/w3 (NeoX mlp-type llama, before gpt-neox #1212)",
     "trim_vocab": "vocabulary rows kept on the HF side (--trim-vocab; 0: all)",
 }
 

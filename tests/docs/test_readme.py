@@ -5,10 +5,12 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
 import yaml
 
 from mapper.cli import main
-from mapper.spec.schema import rule_format_reference
+
+from readme_sections import embedded, generated_sections
 
 ROOT = Path(__file__).resolve().parents[2]
 README = (ROOT / "README.md").read_text()
@@ -36,18 +38,11 @@ def test_the_library_example_runs():
     exec(compile(code, "README.md", "exec"), {})  # noqa: S102 -- our own documentation
 
 
-def test_the_rule_format_reference_is_generated_from_the_schema():
-    start, end = "<!-- rule-format-reference:start -->\n", "<!-- rule-format-reference:end -->"
-    embedded = README.split(start, 1)[1].split(end, 1)[0]
-    assert embedded == rule_format_reference(), "regenerate it: see tests/docs/test_readme.py"
-
-
-def test_the_supported_variants_table_is_generated_from_the_rule_sets():
-    from mapper.spec.catalog import supported_variants_markdown
-
-    start, end = "<!-- supported-variants:start -->\n", "<!-- supported-variants:end -->"
-    embedded = README.split(start, 1)[1].split(end, 1)[0]
-    assert embedded == supported_variants_markdown(), "regenerate it: see tests/docs/test_readme.py"
+@pytest.mark.parametrize("marker", sorted(generated_sections()))
+def test_the_generated_sections_match_what_they_are_generated_from(marker: str):
+    assert embedded(README, marker) == generated_sections()[marker](), (
+        f"README section {marker} is stale: run `python tests/docs/readme_sections.py`"
+    )
 
 
 def _unfused_qkv(tensors: dict, config) -> dict:
@@ -63,14 +58,6 @@ def _unfused_qkv(tensors: dict, config) -> dict:
         for i, part in enumerate(("query", "key", "value")):
             out[f"{prefix}.{part}_{kind}@{rank}"] = rows[:, i].reshape(-1, *tensor.shape[1:]).clone()
     return out
-
-
-def test_the_config_parameters_table_is_generated_from_the_catalog():
-    from mapper.spec.parameters import parameters_markdown
-
-    start, end = "<!-- config-parameters:start -->\n", "<!-- config-parameters:end -->"
-    embedded = README.split(start, 1)[1].split(end, 1)[0]
-    assert embedded == parameters_markdown(), "regenerate it: see tests/docs/test_readme.py"
 
 
 def said(text: str) -> str:
