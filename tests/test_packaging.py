@@ -5,8 +5,8 @@ with its declared dependencies into a fresh virtual environment -- nothing from 
 environment -- where a synthetic checkpoint is converted with the ``mapper`` command and the HF
 folder generates text with transformers, offline, with no warning on stderr (torch prints
 "Failed to initialize NumPy" when numpy is missing). torch is installed first, pinned, as the
-README says (a plain ``torch`` requirement can resolve to a multi-GB CUDA build). About a minute,
-most of it unpacking torch; pip's cache is reused.
+README says (a plain ``torch`` requirement can resolve to a multi-GB CUDA build). About a minute
+(45 s on an idle 2-core machine), most of it unpacking torch; pip's cache is reused.
 
 A second, fast test checks statically that every library the package imports is declared.
 """
@@ -77,8 +77,9 @@ def installed(tmp_path_factory) -> tuple[Path, dict[str, str]]:
     env["PATH"] = f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}"
     env["VIRTUAL_ENV"] = str(venv)
     python = venv / "bin" / "python"
-    run([python, "-m", "pip", "install", "--quiet", TORCH], env=env, cwd=base)
-    run([python, "-m", "pip", "install", "--quiet", wheel], env=env, cwd=base)
+    # --no-compile: byte-compiling all of torch costs more than the modules a run imports
+    run([python, "-m", "pip", "install", "--quiet", "--no-compile", TORCH], env=env, cwd=base)
+    run([python, "-m", "pip", "install", "--quiet", "--no-compile", wheel], env=env, cwd=base)
     return venv, env
 
 
