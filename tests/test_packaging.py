@@ -4,7 +4,8 @@ The wheel is built from the sources (build isolation: the declared build backend
 with its declared dependencies into a fresh virtual environment -- nothing from the test's own
 environment -- where a synthetic checkpoint is converted with the ``mapper`` command and the HF
 folder generates text with transformers, offline, with no warning on stderr (torch prints
-"Failed to initialize NumPy" when numpy is missing). torch is installed first, pinned, as the
+"Failed to initialize NumPy" when numpy is missing); the libraries imported only for some
+tokenizer types (sentencepiece, protobuf, tiktoken) import there too. torch is installed first, pinned, as the
 README says (a plain ``torch`` requirement can resolve to a multi-GB CUDA build). About a minute
 (45 s on an idle 2-core machine), most of it unpacking torch; pip's cache is reused.
 
@@ -87,21 +88,22 @@ def test_the_installed_wheel_converts_and_the_hf_folder_generates_text(installed
     venv, env = installed
     python, mapper = venv / "bin" / "python", venv / "bin" / "mapper"
 
-    located = run([python, "-c", "import mapper; print(mapper.__file__)"], env=env, cwd=tmp_path).stdout
-    assert located.startswith(str(venv)), located  # the installed copy, not the checkout
-
     synthesise = ("from pathlib import Path\n"
+                  "import mapper\n"
                   "from mapper.testing import synthesize_variant, write_neox_checkpoint\n"
                   "config, tensors = synthesize_variant('te-full-fp8', tp=2, seed=0)\n"
-                  "write_neox_checkpoint(tensors, config, Path('neox'), tokenizer=True)\n")
+                  "write_neox_checkpoint(tensors, config, Path('neox'), tokenizer=True)\n"
+                  "print(mapper.__file__)\n")
     done = run([python, "-c", synthesise], env=env, cwd=tmp_path)
+    assert done.stdout.startswith(str(venv)), done.stdout  # the installed copy, not the checkout
     assert not warnings_in(done.stderr), done.stderr
 
     done = run([mapper, "convert", "neox", "hf"], env=env, cwd=tmp_path)
     assert "wrote" in done.stdout and not warnings_in(done.stderr), done.stderr
     assert {"config.json", "generation_config.json", "tokenizer.json", "model.safetensors"} <= {p.name for p in (tmp_path / "hf").iterdir()}
 
-    generate = ("from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline\n"
+    generate = ("import tokenizers, sentencepiece, google.protobuf, tiktoken.load, transformers.convert_slow_tokenizer\n"
+                "from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline\n"
                 "tokenizer = AutoTokenizer.from_pretrained('hf', local_files_only=True)\n"
                 "model = AutoModelForCausalLM.from_pretrained('hf', local_files_only=True)\n"
                 "out = pipeline('text-generation', model=model, tokenizer=tokenizer)('hello', max_new_tokens=4, do_sample=False)\n"
@@ -124,11 +126,6 @@ def test_the_installed_command_answers_help_and_version_and_finds_its_rules(inst
     assert len(listed) == len(list((ROOT / "rules").glob("*.yaml")))
     schema = run([mapper, "rules", "schema"], env=env, cwd=tmp_path).stdout
     assert json.loads(schema) == json.loads((ROOT / "schemas" / "ruleset.v1.json").read_text(encoding="utf-8"))
-
-    # the libraries mapper imports only for some tokenizer types are there too
-    tokenizer_libraries = "import tokenizers, sentencepiece, google.protobuf, tiktoken.load, transformers.convert_slow_tokenizer"
-    done = run([venv / "bin" / "python", "-c", tokenizer_libraries], env=env, cwd=tmp_path)
-    assert not warnings_in(done.stderr), done.stderr
 
 
 # --- every import is declared (static, fast) ----------------------------------------------------
