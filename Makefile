@@ -13,6 +13,7 @@ $(BIN)/.installed: pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet $(TORCH)
+	$(BIN)/python -m pip uninstall --quiet --yes mapper 2>/dev/null || true  # the name this project was installed under before neox-mapper
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $@
 

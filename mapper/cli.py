@@ -23,11 +23,34 @@ from rich.console import Console
 from rich.markup import escape as _escape_markup
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 from rich.table import Table
+from typer.core import TyperCommand, TyperGroup
 
 from mapper.errors import MapperError, printable
 from mapper.interrupts import Interrupted, handling_signals, published
 
+class _Command(TyperCommand):
+    """A command whose help shows no type label on a flag (typer writes ``<bool>``)."""
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        return _flags_without_type(super().get_params(ctx))
+
+
+class _Group(TyperGroup):
+    """The same for a group's own options (``--debug``, ``--version``, ``--help``)."""
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        return _flags_without_type(super().get_params(ctx))
+
+
+def _flags_without_type(params: list[Any]) -> list[Any]:
+    for param in params:
+        if getattr(param, "is_bool_flag", False) and param.metavar is None:
+            param.metavar = ""
+    return params
+
+
 app = typer.Typer(
+    cls=_Group,
     name="mapper",
     help="Convert GPT-NeoX checkpoints (every Transformer Engine variant) to HuggingFace and back, "
     "from declarative rule files -- and prove the result computes what the source computed.",
@@ -36,7 +59,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-rules_app = typer.Typer(help="List, show, validate and scaffold rule sets; the parameters the config supplies; the JSON Schema.", no_args_is_help=True)
+rules_app = typer.Typer(cls=_Group, help="List, show, validate and scaffold rule sets; the parameters the config supplies; the JSON Schema.", no_args_is_help=True)
 app.add_typer(rules_app, name="rules")
 
 
@@ -58,11 +81,12 @@ def escape(text: str) -> str:
     return _escape_markup(printable(text, newlines=True))
 
 
-RulesOpt = Annotated[Optional[str], typer.Option("--rules", "-r", help="Rule set name (`mapper rules list`) or path to a rule file. Detected when not given.")]
-ConfigOpt = Annotated[Optional[list[Path]], typer.Option("--config", "-c", help="NeoX YAML config file(s), merged as NeoX merges them. Default: the checkpoint's configs/.")]
+RulesOpt = Annotated[Optional[str], typer.Option("--rules", "-r", metavar="NAME|PATH", help="Rule set name (`mapper rules list`) or path to a rule file. Detected when not given.")]
+ConfigOpt = Annotated[Optional[list[Path]], typer.Option("--config", "-c", metavar="FILE", help="NeoX YAML config file (repeat for several), merged as NeoX merges them. Default: the checkpoint's configs/.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
-ParamOpt = Annotated[Optional[list[str]], typer.Option("--param", "-p", help="Set a rule-set parameter, NAME=INT (overrides the config).")]
-SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override a NeoX config setting, KEY=VALUE (e.g. te_mha=true, rms-norm-epsilon=1e-6, gqa_layout=pre-1315).")]
+ParamOpt = Annotated[Optional[list[str]], typer.Option("--param", "-p", metavar="NAME=INT", help="Set a rule-set parameter (repeatable; overrides the config).")]
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", metavar="KEY=VALUE", help="Override a NeoX config setting (repeatable), e.g. te_mha=true, rms-norm-epsilon=1e-6, gqa_layout=pre-1315.")]
+ShardSizeOpt = Annotated[str, typer.Option("--max-shard-size", metavar="SIZE", help="Largest HF shard, in transformers' units: 5GB (10^9 bytes), 2GiB (2^30), 500MB, 100KiB, or a number of bytes; a lower-case b means bits (5Gb = 625 MB).")]
 
 
 @app.callback()
@@ -116,18 +140,33 @@ def _settings(values: list[str] | None) -> dict[str, Any]:
     return settings
 
 
+_DECIMAL_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9}  # 5Gb (lower-case b): bits, an eighth
+_BINARY_UNITS = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
 def _size(text: str) -> int:
-    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
-    clean = text.strip().upper().replace(" ", "")
-    number = clean.rstrip("KMGTIB")
-    unit = clean[len(number):]
-    try:
-        value = float(number)
-    except ValueError:
-        value = -1
-    if unit not in units or value <= 0:
-        raise MapperError(f"size {text!r} is not understood", hint="write e.g. 5GB, 500MB, 2GiB or a number of bytes")
-    return int(value * units[unit])
+    """``--max-shard-size`` as transformers reads ``max_shard_size`` (``save_pretrained``'s
+    ``convert_file_size_to_int``), so a size means the same to both: a whole number followed by
+    KiB/MiB/GiB (any case, powers of 2) or KB/MB/GB (powers of 10; a final lower-case ``b`` counts
+    bits, so 8Mb is one MB), or a whole number alone for bytes. Anything else (``1B``, ``5G``,
+    ``1.5GB``, ``TB``) is refused, as transformers refuses it."""
+    upper = text.upper()
+    for units in (_BINARY_UNITS, _DECIMAL_UNITS):
+        unit = next((u for u in units if upper.endswith(u)), None)
+        if unit is not None:
+            number = text[: -len(unit)].strip()
+            bits = units is _DECIMAL_UNITS and text.endswith("b")
+            break
+    else:
+        number, bits, unit = text.strip(), False, None
+    if number.isascii() and number.isdigit():
+        size = int(number) * (_BINARY_UNITS | _DECIMAL_UNITS).get(unit or "", 1)
+        size = size // 8 if bits else size
+        if size > 0:
+            return size
+    raise MapperError(f"--max-shard-size {text!r} is not a size (transformers' units)",
+                      hint="a whole number and a unit: 5GB (10^9 bytes), 500MB, 2GiB (2^30 bytes), 512MiB, 100KB, "
+                           "or a number of bytes; a lower-case b means bits (5Gb is 625 MB)")
 
 
 def _part(text: str | None) -> tuple[int, int] | None:
@@ -212,26 +251,27 @@ def convert(
     out_dir: Annotated[Path, typer.Argument(metavar="OUT", help="Output folder (appears complete or not at all).")],
     rules: RulesOpt = None,
     config: ConfigOpt = None,
-    to: Annotated[Optional[str], typer.Option("--to", help="Output format: hf or neox. Default: the other one (neox -> neox re-shards a NeoX checkpoint, with --tp and --layout).")] = None,
-    tp: Annotated[Optional[int], typer.Option("--tp", help="TP degree of a NeoX output. Default: the original, else 1.", min=1)] = None,
-    layout: Annotated[Optional[str], typer.Option("--layout", help="Layout of a NeoX output: pipeline (one file per layer and rank) or sequential (one file per rank). Default: the source's, else pipeline.")] = None,
-    weights: Annotated[str, typer.Option("--weights", help="NeoX source weights: module (the model states) or master (the fp32 master copies in the ZeRO optimizer shards of a bf16/fp16 run).")] = "module",
-    dtype: Annotated[Optional[str], typer.Option("--dtype", help="Cast floating tensors (float32, bfloat16, float16); overflow is an error.")] = None,
-    trim_vocab: Annotated[Optional[int], typer.Option("--trim-vocab", help="Keep only the first N vocabulary rows (cut rows go to the sidecar).", min=1)] = None,
-    max_shard_size: Annotated[str, typer.Option("--max-shard-size", help="Largest HF shard, e.g. 5GB, 500MB.")] = "5GB",
+    to: Annotated[Optional[str], typer.Option("--to", metavar="hf|neox", help="Output format: hf or neox. Default: the other one (neox -> neox re-shards a NeoX checkpoint, with --tp and --layout).")] = None,
+    tp: Annotated[Optional[int], typer.Option("--tp", metavar="N", help="TP degree of a NeoX output. Default: the original, else 1.", min=1)] = None,
+    layout: Annotated[Optional[str], typer.Option("--layout", metavar="pipeline|sequential", help="Layout of a NeoX output: pipeline (one file per layer and rank) or sequential (one file per rank). Default: the source's, else pipeline.")] = None,
+    weights: Annotated[str, typer.Option("--weights", metavar="module|master", help="NeoX source weights: module (the model states) or master (the fp32 master copies in the ZeRO optimizer shards of a bf16/fp16 run).")] = "module",
+    dtype: Annotated[Optional[str], typer.Option("--dtype", metavar="DTYPE", help="Cast floating tensors (float32, bfloat16, float16); overflow is an error.")] = None,
+    trim_vocab: Annotated[Optional[int], typer.Option("--trim-vocab", metavar="N", help="Keep only the first N vocabulary rows (cut rows go to the sidecar).", min=1)] = None,
+    max_shard_size: ShardSizeOpt = "5GB",
     force: Annotated[bool, typer.Option("--force", help="Replace an existing OUT (only once the new one is complete).")] = False,
-    part: Annotated[Optional[str], typer.Option("--part", help="Convert only part I/N (a job array on machines sharing a filesystem); then run `mapper finalize OUT`.")] = None,
+    part: Annotated[Optional[str], typer.Option("--part", metavar="I/N", help="Convert only part I/N (a job array on machines sharing a filesystem); then run `mapper finalize OUT`.")] = None,
     average_replicas: Annotated[bool, typer.Option("--average-replicas", help="Average replicated tensors that differ across TP ranks instead of refusing (lossy).")] = False,
     param: ParamOpt = None,
     set_: SetOpt = None,
     strict: Annotated[bool, typer.Option("--strict", help="Refuse settings HF can only approximate (e.g. TE LayerNormMLP's fixed eps) instead of converting and recording them.")] = False,
     force_rules: Annotated[bool, typer.Option("--force-rules", help="Use --rules even when its variant contradicts the config (its settings win).")] = False,
-    tokenizer: Annotated[Optional[Path], typer.Option("--tokenizer", help="Tokenizer file or folder to write with the output, instead of the one the NeoX config names (tokenizer.json, vocab.json + merges.txt, .model, .tiktoken, or an HF tokenizer folder).")] = None,
+    tokenizer: Annotated[Optional[Path], typer.Option("--tokenizer", metavar="PATH", help="Tokenizer file or folder to write with the output, instead of the one the NeoX config names (tokenizer.json, vocab.json + merges.txt, .model, .tiktoken, or an HF tokenizer folder).")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Convert a checkpoint: NeoX -> HF, or HF -> NeoX (the rule set's inverse)."""
     from mapper.checkpoints import convert_checkpoint, prepare
 
+    shard_size, part_of = _size(max_shard_size), _part(part)  # refused before any file is read
     ready = prepare(src, rules=rules, config_files=config or [], tp=tp, trim_vocab=trim_vocab, parameters=_params(param),
                     settings=_settings(set_), strict=strict, force_rules=force_rules, dtype=_dtype(dtype),
                     tokenizer=tokenizer, to=to, layout=layout, weights=weights, background_checks=True)  # convert_checkpoint waits for them before committing
@@ -244,7 +284,7 @@ def convert(
                   f"{ready.forward_rules.version}{how[ready.direction]}")
     with _progress("converting") as (started, advanced):
         result = convert_checkpoint(
-            src, out_dir, max_shard_size=_size(max_shard_size), force=force, part=_part(part),
+            src, out_dir, max_shard_size=shard_size, force=force, part=part_of,
             average_replicas=average_replicas, on_start=started, on_group=advanced, prepared=ready,
         )
     summary = {
@@ -290,21 +330,22 @@ def plan(
     src: Annotated[Path, typer.Argument(metavar="SRC", help="NeoX checkpoint or HF folder.")],
     rules: RulesOpt = None,
     config: ConfigOpt = None,
-    to: Annotated[Optional[str], typer.Option("--to", help="Output format: hf or neox (as for convert).")] = None,
-    tp: Annotated[Optional[int], typer.Option("--tp", help="TP degree of a NeoX output.", min=1)] = None,
-    layout: Annotated[Optional[str], typer.Option("--layout", help="Layout of a NeoX output: pipeline or sequential.")] = None,
-    weights: Annotated[str, typer.Option("--weights", help="NeoX source weights: module or master (ZeRO fp32 masters).")] = "module",
-    dtype: Annotated[Optional[str], typer.Option("--dtype", help="Size the output as cast to this dtype (as convert --dtype would).")] = None,
-    trim_vocab: Annotated[Optional[int], typer.Option("--trim-vocab", help="Keep only the first N vocabulary rows (NeoX -> HF).", min=1)] = None,
+    to: Annotated[Optional[str], typer.Option("--to", metavar="hf|neox", help="Output format: hf or neox (as for convert).")] = None,
+    tp: Annotated[Optional[int], typer.Option("--tp", metavar="N", help="TP degree of a NeoX output.", min=1)] = None,
+    layout: Annotated[Optional[str], typer.Option("--layout", metavar="pipeline|sequential", help="Layout of a NeoX output: pipeline or sequential.")] = None,
+    weights: Annotated[str, typer.Option("--weights", metavar="module|master", help="NeoX source weights: module or master (ZeRO fp32 masters).")] = "module",
+    dtype: Annotated[Optional[str], typer.Option("--dtype", metavar="DTYPE", help="Size the output as cast to this dtype (as convert --dtype would).")] = None,
+    trim_vocab: Annotated[Optional[int], typer.Option("--trim-vocab", metavar="N", help="Plan keeping only the first N vocabulary rows of an HF output.", min=1)] = None,
     param: ParamOpt = None,
     set_: SetOpt = None,
-    max_shard_size: Annotated[str, typer.Option("--max-shard-size", help="Largest HF shard, e.g. 5GB, 500MB (decides the output files and peak memory).")] = "5GB",
+    max_shard_size: ShardSizeOpt = "5GB",
     as_json: JsonOpt = False,
 ) -> None:
     """Dry run from metadata only: source -> ops -> target per tensor (with the rule ids), sizes, peak memory."""
     from mapper.checkpoints import prepare
     from mapper.errors import CompileError
 
+    shard_size = _size(max_shard_size)  # a bad size is refused before any file is read
     try:
         ready = prepare(src, rules=rules, config_files=config or [], tp=tp, trim_vocab=trim_vocab, parameters=_params(param),
                         settings=_settings(set_), to=to, layout=layout, weights=weights, dtype=_dtype(dtype))
@@ -315,7 +356,6 @@ def plan(
             _problems_table(error)
         raise _said(error) from None
     the_plan = ready.plan
-    shard_size = _size(max_shard_size)
     groups = ready.output_groups(shard_size)
     summary = {**the_plan.summary(), "target_bytes": sum(m.nbytes for m in ready.target_manifest().values()),
                "direction": ready.direction, "parameters": the_plan.parameters,
@@ -409,18 +449,19 @@ def detect(
 # --- verification ----------------------------------------------------------------------------
 @app.command()
 def verify(
-    paths: Annotated[list[Path], typer.Argument(metavar="[NEOX_CHECKPOINT] HF_FOLDER", help="The NeoX checkpoint and the HF folder converted from it; with --reference, the HF folder alone.")],
-    reference: Annotated[Optional[Path], typer.Option("--reference", help="A dump of gpt-neox's own activations (`mapper reference-script`): verify against the training framework itself, for any variant.")] = None,
+    first: Annotated[Path, typer.Argument(metavar="NEOX_CHECKPOINT", help="The NeoX checkpoint; with --reference, the HF folder (then the only argument).")],
+    second: Annotated[Optional[Path], typer.Argument(metavar="HF_FOLDER", help="The HF folder converted from the checkpoint.")] = None,
+    reference: Annotated[Optional[Path], typer.Option("--reference", metavar="DUMP", help="A dump of gpt-neox's own activations (`mapper reference-script`): verify against the training framework itself, for any variant.")] = None,
     rules: RulesOpt = None,
     config: ConfigOpt = None,
-    dtype: Annotated[Optional[str], typer.Option("--dtype", help="Compute precision (default: the cast recorded by `convert --dtype`, a dump's dtype, else float32).")] = None,
-    device: Annotated[str, typer.Option("--device", help="Where both forwards run: cpu or cuda.")] = "cpu",
-    text: Annotated[Optional[str], typer.Option("--text", help="Verify on this text (needs --tokenizer).")] = None,
-    tokenizer: Annotated[Optional[Path], typer.Option("--tokenizer", help="Local tokenizer folder for --text.")] = None,
-    tokens: Annotated[int, typer.Option("--tokens", help="Greedy continuation length compared on both sides (built-in reference).", min=0)] = 8,
-    seq_len: Annotated[int, typer.Option("--seq-len", help="Generated prompt length (without --text).", min=1)] = 16,
-    seed: Annotated[int, typer.Option("--seed", help="Seed of the generated prompt.")] = 0,
-    report_file: Annotated[Optional[Path], typer.Option("--report", help="Also write the error curves across layers to this self-contained HTML file.")] = None,
+    dtype: Annotated[Optional[str], typer.Option("--dtype", metavar="DTYPE", help="Compute precision (default: the cast recorded by `convert --dtype`, a dump's dtype, else float32).")] = None,
+    device: Annotated[str, typer.Option("--device", metavar="cpu|cuda", help="Where both forwards run: cpu or cuda.")] = "cpu",
+    text: Annotated[Optional[str], typer.Option("--text", metavar="TEXT", help="Verify on this text (needs --tokenizer).")] = None,
+    tokenizer: Annotated[Optional[Path], typer.Option("--tokenizer", metavar="DIR", help="Local tokenizer folder for --text.")] = None,
+    tokens: Annotated[int, typer.Option("--tokens", metavar="N", help="Greedy continuation length compared on both sides (built-in reference).", min=0)] = 8,
+    seq_len: Annotated[int, typer.Option("--seq-len", metavar="N", help="Generated prompt length (without --text).", min=1)] = 16,
+    seed: Annotated[int, typer.Option("--seed", metavar="INT", help="Seed of the generated prompt.")] = 0,
+    report_file: Annotated[Optional[Path], typer.Option("--report", metavar="FILE", help="Also write the error curves across layers to this self-contained HTML file.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Both forwards block by block, each point judged on the same input; exit 1 if they differ.
@@ -428,14 +469,21 @@ def verify(
     Against mapper's built-in NeoX forward (NEOX_CHECKPOINT HF_FOLDER), or against gpt-neox's own
     activations (--reference DUMP HF_FOLDER).
     """
+    from mapper.hf_models import require_local_folder
     from mapper.verify.checkpoints import verify_against_reference, verify_checkpoints
 
     if device not in ("cpu", "cuda"):
         raise MapperError(f"--device {device!r} is not cpu or cuda", hint="--device cpu (default) or --device cuda")
+    paths = [first] if second is None else [first, second]
     expected = 1 if reference is not None else 2
     if len(paths) != expected:
         usage = "mapper verify --reference DUMP HF_FOLDER" if reference is not None else "mapper verify NEOX_CHECKPOINT HF_FOLDER"
         raise MapperError(f"expected {expected} folder(s), got {len(paths)}", hint=f"usage: {usage}")
+    roles = ["HF folder"] if reference is not None else ["NeoX checkpoint", "HF folder"]
+    for role, path in zip(roles, paths):  # named as missing, never looked up on the Hub
+        require_local_folder(path, role)
+    if tokenizer is not None:
+        require_local_folder(tokenizer, "--tokenizer folder")
     with _count_progress("verifying") as advance:
         if reference is not None:
             report = verify_against_reference(reference, paths[0], rules=rules, config_files=config or [],
@@ -484,12 +532,12 @@ def _count_progress(label: str) -> Iterator[Any]:
 
 @app.command("reference-script")
 def reference_script_command(
-    out_file: Annotated[Optional[Path], typer.Option("--out", help="Write the script here (default: print it).")] = None,
-    ids: Annotated[Optional[Path], typer.Option("--ids", help="Also write seeded token ids (JSON) for the script's --ids.")] = None,
-    hf: Annotated[Optional[Path], typer.Option("--for", help="HF folder whose vocabulary bounds the --ids (default: 50000 ids).")] = None,
-    seed: Annotated[int, typer.Option("--seed")] = 0,
-    batch: Annotated[int, typer.Option("--batch", min=1)] = 2,
-    seq_len: Annotated[int, typer.Option("--seq-len", min=1)] = 16,
+    out_file: Annotated[Optional[Path], typer.Option("--out", metavar="FILE", help="Write the script here (default: print it).")] = None,
+    ids: Annotated[Optional[Path], typer.Option("--ids", metavar="FILE", help="Also write seeded token ids (JSON) for the script's --ids.")] = None,
+    hf: Annotated[Optional[Path], typer.Option("--for", metavar="HF_FOLDER", help="HF folder whose vocabulary bounds the --ids (default: 50000 ids).")] = None,
+    seed: Annotated[int, typer.Option("--seed", metavar="INT", help="Seed of the --ids token ids.")] = 0,
+    batch: Annotated[int, typer.Option("--batch", metavar="N", help="Rows (sequences) of the --ids.", min=1)] = 2,
+    seq_len: Annotated[int, typer.Option("--seq-len", metavar="N", help="Tokens per row of the --ids.", min=1)] = 16,
 ) -> None:
     """The self-contained script that dumps gpt-neox's own activations for `verify --reference`."""
     from mapper.verify.dump import SCRIPT, reference_script
@@ -524,7 +572,7 @@ def reference_script_command(
 
 @app.command()
 def roundtrip(
-    neox: Annotated[Path, typer.Argument(metavar="NEOX_CHECKPOINT")],
+    neox: Annotated[Path, typer.Argument(metavar="NEOX_CHECKPOINT", help="NeoX checkpoint (global_stepN or its parent) to convert there and back.")],
     rules: RulesOpt = None,
     config: ConfigOpt = None,
     param: ParamOpt = None,
@@ -561,9 +609,9 @@ def roundtrip(
 def diff(
     a: Annotated[Path, typer.Argument(metavar="A", help="Checkpoint A (any supported format).")],
     b: Annotated[Path, typer.Argument(metavar="B", help="Checkpoint B.")],
-    rules: Annotated[Optional[str], typer.Option("--rules", "-r", help="Map A through this rule set first (compare mapper's output with another converter's).")] = None,
+    rules: Annotated[Optional[str], typer.Option("--rules", "-r", metavar="NAME|PATH", help="Map A through this rule set first (compare mapper's output with another converter's).")] = None,
     config: ConfigOpt = None,
-    atol: Annotated[float, typer.Option("--atol", help="Values within this absolute difference count as close.")] = 0.0,
+    atol: Annotated[float, typer.Option("--atol", metavar="FLOAT", help="Values within this absolute difference count as close.")] = 0.0,
     show_equal: Annotated[bool, typer.Option("--all", help="Also list equal tensors.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -682,8 +730,8 @@ def rules_schema() -> None:
 @rules_app.command("new")
 def rules_new(
     name: Annotated[str, typer.Argument(metavar="NAME", help="Name of the new rule set (lower case, e.g. neox-te-myfork-to-hf-gpt-neox).")],
-    base: Annotated[str, typer.Option("--from", help="Rule set to start from: a shipped name (`mapper rules list`) or a rule file.")],
-    out_dir: Annotated[Path, typer.Option("--out", help="Folder to write NAME.yaml into (other files there are left alone).")] = Path("."),
+    base: Annotated[str, typer.Option("--from", metavar="NAME|FILE", help="Rule set to start from: a shipped name (`mapper rules list`) or a rule file.")],
+    out_dir: Annotated[Path, typer.Option("--out", metavar="DIR", help="Folder to write NAME.yaml into (other files there are left alone).")] = Path("."),
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing NAME.yaml.")] = False,
 ) -> None:
     """Start a rule set for a new variant: one file that includes BASE by reference, ready for what differs."""
@@ -729,12 +777,17 @@ def rules_params(
 # --- demo ----------------------------------------------------------------------------------
 @app.command()
 def demo(
-    out_dir: Annotated[Path, typer.Option("--out", help="Where the demo writes its checkpoints.")] = Path("demo-output"),
+    out_dir: Annotated[Path, typer.Option("--out", metavar="DIR", help="Where the demo writes its checkpoints.")] = Path("demo-output"),
 ) -> None:
     """Synthesise a tiny TE checkpoint (TP=2), convert it to HF, verify it, round-trip it."""
     from mapper.demo import run_demo
 
     run_demo(out_dir, out)
+
+
+for _info in [*app.registered_commands, *rules_app.registered_commands]:  # every command: flags without <bool>
+    if _info.cls in (None, TyperCommand):
+        _info.cls = _Command
 
 
 # --- entry point ---------------------------------------------------------------------------

@@ -3,8 +3,9 @@
 Compile checks a conversion's output against the key set and shapes that transformers would save
 for the target config (built on the meta device: no memory, no download), so a missing bias or a
 wrong MLP width is an error before the output is committed, not a warning from
-``from_pretrained``. transformers is optional for converting; without it this check is skipped
-(and said so).
+``from_pretrained``. transformers is a dependency of the package (it also writes the tokenizer
+files); where it is missing anyway (an install with ``--no-deps``), this check is skipped (and said
+so).
 
 Importing transformers' model code takes 2-4 s, longer than converting a 2 GB checkpoint. The key
 set is a function of the config and the installed transformers alone, so it is kept in a small
@@ -35,6 +36,19 @@ from mapper.formats.output import write_bytes_atomic
 def transformers_available() -> bool:
     """Whether transformers is installed (found, not imported: importing it takes seconds)."""
     return importlib.util.find_spec("transformers") is not None
+
+
+def require_local_folder(folder: str | Path, role: str) -> Path:
+    """``folder`` if it is a folder on this machine. transformers' ``from_pretrained`` takes a
+    path that does not exist for a Hub repository id and, offline, reports a failed connection to
+    huggingface.co; a missing folder is said to be missing instead."""
+    path = Path(folder)
+    if not path.exists():
+        raise CheckpointError(f"no such {role}", where=path,
+                              hint=f"check the path: the {role} is read from the local disk (nothing is downloaded)")
+    if not path.is_dir():
+        raise CheckpointError(f"the {role} is a file, not a folder", where=path, hint=f"pass the {role} itself")
+    return path
 
 
 def config_object(config: Mapping[str, Any]) -> Any:
@@ -140,10 +154,9 @@ def expected_tensors_from_transformers(config: Mapping[str, Any]) -> dict[str, t
 
 def load_model(folder: Path, *, dtype: torch.dtype = torch.float32) -> Any:
     """``from_pretrained`` on a local folder, refusing missing or unexpected keys."""
+    require_local_folder(folder, "HF folder")
     if not transformers_available():
-        raise MapperError(
-            "verification needs transformers", hint="pip install 'mapper[verify]' (or transformers>=5)"
-        )
+        raise MapperError("verification needs transformers", hint="pip install 'transformers>=5,<6'")
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 

@@ -62,6 +62,12 @@ class Prepared:
     tokenizer: Any = None  # mapper.tokenizer TokenizerPlan (HF output) or NeoXTokenizerPlan (NeoX output)
     hf_key_check: Future[None] | None = None  # still running when prepared with background_checks
 
+    def __repr__(self) -> str:  # a summary, not the plan and the configs (megabytes for a real model)
+        where = getattr(self.source, "root", None) or getattr(self.source, "path", None) or type(self.source).__name__
+        return (f"Prepared({self.direction}, {where}, rules {self.forward_rules.name!r} {self.forward_rules.version or ''}, "
+                f"{'' if self.to_hf else f'TP {self.output_tp}, '}{len(self.plan.targets)} tensors to write, {len(self.notes)} note(s), "
+                f"{len(self.warnings)} warning(s))")
+
     @property
     def to_hf(self) -> bool:
         return self.direction == "neox-to-hf"

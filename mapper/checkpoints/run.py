@@ -35,6 +35,12 @@ class ConversionResult:
     report: ExecutionReport
     output: Path | None  # None for one part of a multi-part run
 
+    def __repr__(self) -> str:  # a summary; the plan, configs and sidecar are in the fields
+        written = "one part written" if self.output is None else f"wrote {self.output}"
+        return (f"ConversionResult({written}: {self.report.tensors} tensors, {self.report.bytes_written:,} bytes "
+                f"in {self.report.groups} file(s); {self.prepared.direction} with {self.prepared.forward_rules.name!r} "
+                f"{self.prepared.forward_rules.version or ''}; {len(self.report.sidecar)} sidecar entries)")
+
 
 def convert_checkpoint(
     src: str | Path,

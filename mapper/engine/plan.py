@@ -212,6 +212,10 @@ class Plan:
         lines.extend(f"note: {n}" for n in self.notes)
         return "\n".join(lines)
 
+    def __repr__(self) -> str:  # a summary: the full plan of a real model is megabytes of keys
+        return (f"Plan({self.ruleset.name!r} {self.ruleset.version or ''}: {len(self.sources)} source -> "
+                f"{len(self.targets)} target tensors in {len(self.nodes)} steps, {len(self.dropped)} dropped)")
+
     def summary(self) -> dict[str, Any]:
         return {
             "rules": self.ruleset.name,

@@ -45,6 +45,11 @@ class Sidecar:
     def __len__(self) -> int:
         return len(self.entries)
 
+    def __repr__(self) -> str:  # a summary: the entries are tensors (cut vocabulary rows, per-layer norms)
+        count = sum(len(tensors) for tensors in self.entries.values())
+        nbytes = sum(t.numel() * t.element_size() for tensors in self.entries.values() for t in tensors)
+        return f"Sidecar({self.rules!r} {self.version or ''}: {len(self.entries)} entries, {count} tensors, {nbytes:,} bytes)"
+
     def contents(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         """The tensors and metadata of the sidecar's safetensors file (read back by :meth:`load`);
         a writer in :mod:`mapper.formats` writes them, in this order, so the file is reproducible."""

@@ -265,6 +265,9 @@ def _tokenize(text: str, tokenizer: str | Path | None) -> torch.Tensor:
                           hint="or leave out --text to verify on generated token ids")
     from transformers import AutoTokenizer
 
+    from mapper.hf_models import require_local_folder
+
+    require_local_folder(tokenizer, "--tokenizer folder")
     try:
         encoded = AutoTokenizer.from_pretrained(str(tokenizer), local_files_only=True)(text, return_tensors="pt")
     except (OSError, ValueError) as error:
