@@ -33,11 +33,6 @@ def test_quick_start_has_exactly_the_two_setup_commands_and_ci_runs_the_test_one
     assert [line for line in ci.splitlines() if line and not line.startswith(("#", "set ", "cd "))] == ["make test"]
 
 
-def test_the_library_example_runs():
-    code = re.search(r"## Using it as a library\n\n```python\n(.*?)```", README, re.S).group(1)
-    exec(compile(code, "README.md", "exec"), {})  # noqa: S102 -- our own documentation
-
-
 @pytest.mark.parametrize("marker", sorted(generated_sections()))
 def test_the_generated_sections_match_what_they_are_generated_from(marker: str):
     assert embedded(README, marker) == generated_sections()[marker](), (

@@ -35,6 +35,8 @@ README = ROOT / "README.md"
 
 SECTIONS_RUN_ELSEWHERE = {
     "Walk-through: a rule set for a new key layout (no Python)": "tests/docs/test_readme.py",
+    "Walk-through: another TP degree or layout (NeoX → NeoX)": "tests/docs/test_readme.py",
+    "Walk-through: the fp32 master weights of a bf16 run": "tests/docs/test_readme.py",
 }
 NOT_RUN = {  # (section, first line of the block)
     ("Quick start", "make demo   # a tiny TE checkpoint (TP=2) converted to HF, verified against transformers, round-tripped"),
