@@ -18,7 +18,6 @@ from mapper.formats.neox import LOOKED_FOR as NEOX_LOOKED_FOR
 from mapper.formats.neox import NeoXCheckpoint, looks_like_neox
 from mapper.formats.neox_writer import NeoXWriter
 from mapper.formats.output import check_output_path
-from mapper.formats.writing import part_range
 
 __all__ = [
     "HFCheckpoint",
@@ -30,7 +29,6 @@ __all__ = [
     "neox_key",
     "open_checkpoint",
     "parse_neox_key",
-    "part_range",
 ]
 
 

@@ -21,10 +21,10 @@ import torch
 
 from mapper.errors import CheckpointError
 from mapper.formats import safe_pickle
-from mapper.formats.naming import natural_key
 from mapper.formats.readahead import will_need
 from mapper.formats.safetensors_io import Entry, map_tensor, read_header
 from mapper.input_files import check_regular, read_json
+from mapper.keyorder import natural_key
 from mapper.tensors import ClosingReader, TensorMeta
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"

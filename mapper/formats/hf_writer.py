@@ -18,11 +18,11 @@ from typing import Any
 import torch
 
 from mapper.errors import ConversionError
-from mapper.formats.naming import natural_sorted
 from mapper.formats.output import AtomicFile
 from mapper.formats.safetensors_io import data_order, file_size, write_safetensors
 from mapper.formats.streaming import Locate
 from mapper.formats.writing import PlannedFile, StagedWriter, write_json
+from mapper.keyorder import natural_sorted
 from mapper.tensors import Manifest
 
 INDEX_NAME = "model.safetensors.index.json"

@@ -53,9 +53,9 @@ from mapper.formats.naming import (
     LAYER_FILE,
     MP_RANK_FILE,
     SEQUENTIAL_KEY,
-    natural_key,
     neox_key,
 )
+from mapper.keyorder import natural_key
 from mapper.formats.readahead import will_need
 from mapper.input_files import check_regular, read_bytes
 from mapper.tensors import ClosingReader, TensorMeta

@@ -50,11 +50,12 @@ import yaml
 
 from mapper.version import __version__
 from mapper.errors import ConversionError, MapperError
-from mapper.formats.naming import layer_file_name, mp_rank_file_name, natural_key, parse_neox_key
+from mapper.formats.naming import layer_file_name, mp_rank_file_name, parse_neox_key
 from mapper.formats.output import AtomicFile, Cancelled, write_bytes_atomic
 from mapper.formats.streaming import Locate
 from mapper.formats.torch_zip import write_torch_save
 from mapper.formats.writing import PlannedFile, StagedWriter
+from mapper.keyorder import natural_key
 from mapper.tensors import LazyConcat, Manifest, materialize
 
 TAG = re.compile(r"^[A-Za-z0-9_.+-]+$")

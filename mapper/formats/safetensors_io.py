@@ -28,9 +28,9 @@ import torch
 from mapper.errors import CheckpointError, ConversionError
 from mapper.formats.file_ranges import register_map
 from mapper.formats.streaming import Locate, write_value
-from mapper.formats.naming import natural_key
 from mapper.formats.output import Cancelled
 from mapper.input_files import check_regular
+from mapper.keyorder import natural_key
 from mapper.tensors import TensorMeta
 
 MAX_HEADER = 100_000_000  # the reference implementation's limit

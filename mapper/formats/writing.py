@@ -60,6 +60,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from mapper.engine.execute import check_part, part_groups
 from mapper.errors import ConversionError, MapperError
 from mapper.formats.output import (
     Flusher,
@@ -106,29 +107,6 @@ class PlannedFile:
             for shape, dtype in zip(raw["shapes"], raw["dtypes"])
         )
         return cls(str(raw["name"]), tuple(raw["keys"]), metas)
-
-
-def part_range(count: int, part: tuple[int, int] | None) -> range:
-    """The contiguous block of ``count`` group indices that part ``I`` of ``N`` (1-based) writes.
-
-    The same split as ``mapper.engine.execute.part_groups``, so engine and writer agree.
-    """
-    if part is None:
-        return range(count)
-    index, total = part
-    return range(count * (index - 1) // total, count * index // total)
-
-
-def check_parts(parts: tuple[int, int] | None) -> tuple[int, int] | None:
-    if parts is None:
-        return None
-    index, total = parts
-    if not (isinstance(index, int) and isinstance(total, int) and 1 <= index <= total):
-        raise ConversionError(
-            f"parts={parts!r} is not (I, N) with 1 <= I <= N",
-            hint="parts are numbered 1..N, like SLURM_ARRAY_TASK_ID with sbatch --array=1-N",
-        )
-    return index, total
 
 
 def marker_name(index: int, total: int) -> str:
@@ -290,7 +268,7 @@ class StagedWriter:
         background: bool = True,
         workers: int = WRITER_THREADS,
     ):
-        self.parts = check_parts(parts)
+        self.parts = check_part(parts)
         self.workers = workers
         self.force = force
         self.out = check_output_path(out_dir, inputs=inputs, force=force)
@@ -339,7 +317,7 @@ class StagedWriter:
             )
         plan = self._plan(manifest)
         self._plan_all = plan
-        self._mine = part_range(len(plan), self.parts)
+        self._mine = part_groups(len(plan), self.parts)
         self._state = "planned"
         try:
             self._staging.create()
@@ -584,7 +562,7 @@ class StagedWriter:
                     where=marker,
                     hint=f"rerun part {i} with the same input and options",
                 )
-            for index in part_range(len(plan), (i, total)):
+            for index in part_groups(len(plan), (i, total)):
                 name = plan[index].name
                 path = staging.path / name
                 size = recorded["files"].get(name)

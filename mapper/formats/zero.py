@@ -61,7 +61,8 @@ import torch
 from mapper.errors import CheckpointError
 from mapper.formats import safe_pickle
 from mapper.formats.file_ranges import FileRange, storage_records, verified_base
-from mapper.formats.naming import SEQUENTIAL_KEY, mp_rank_file_name, natural_key, neox_key
+from mapper.formats.naming import SEQUENTIAL_KEY, mp_rank_file_name, neox_key
+from mapper.keyorder import natural_key
 from mapper.formats.neox import PIPELINE, NeoXCheckpoint, resolve_tag_folder
 from mapper.tensors import ClosingReader, TensorMeta
 
