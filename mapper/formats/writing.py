@@ -71,7 +71,8 @@ from mapper.formats.output import (
     write_bytes_atomic,
 )
 from mapper.input_files import read_json as read_checked
-from mapper.tensors import LazyConcat, Manifest, TensorMeta, dtype_from_name, dtype_name
+from mapper.dtypes import dtype_from_name, dtype_name
+from mapper.tensors import LazyConcat, Manifest, TensorMeta
 
 META_DIR = ".mapper"
 WRITER_THREADS = 2  # files written at once (see "Overlap" above)

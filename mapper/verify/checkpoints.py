@@ -21,7 +21,7 @@ from mapper.configs import NeoXModelConfig
 from mapper.errors import CheckpointError, MapperError
 from mapper.record import existing, read_record
 from mapper.spec import RuleSet
-from mapper.tensors import dtype_from_name
+from mapper.dtypes import dtype_from_name
 from mapper.verify.compare import checked_input_ids, default_input_ids
 from mapper.verify.dump import ReferenceDump, config_sha256
 from mapper.verify.report import VerifyReport
