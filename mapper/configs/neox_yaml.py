@@ -39,25 +39,6 @@ class NeoXYaml(dict):
 # ---- reading files ------------------------------------------------------------------------------
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """SafeLoader that refuses a key written twice in one mapping (PyYAML keeps the last)."""
-
-
-def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
-    seen: set[Any] = set()
-    for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=deep)
-        if key in seen:
-            mark = key_node.start_mark
-            raise MapperError(f"key {key!r} is written twice", where=f"{mark.name}:{mark.line + 1}:{mark.column + 1}",
-                              hint="keep one of them")
-        seen.add(key)
-    return loader.construct_mapping(node, deep=deep)
-
-
-_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
-
-
 def load_neox_yaml(paths: Sequence[Path | str] | Path | str) -> NeoXYaml:
     """Read and merge NeoX YAML files the way ``NeoXArgs.from_ymls`` does.
 
@@ -92,7 +73,7 @@ def _read_yaml(path: Path) -> Any:
     text = read_text(path, what="this NeoX config", error=MapperError,
                      hint="check the path given to --config (the YAML the model was trained with)")
     try:
-        return load_yaml(text, where=str(path), loader=_UniqueKeyLoader)
+        return load_yaml(text, where=str(path))
     except MapperError as exc:
         raise MapperError(exc.message, where=f"{path}:{(exc.where or '').split(':', 1)[-1]}", hint=exc.hint) from None
     except yaml.YAMLError as exc:
