@@ -57,7 +57,7 @@ from mapper.formats.naming import (
 )
 from mapper.keyorder import natural_key
 from mapper.formats.readahead import will_need
-from mapper.input_files import check_regular, read_bytes
+from mapper.input_files import check_folder, check_regular, read_bytes
 from mapper.tensors import ClosingReader, TensorMeta
 
 PIPELINE = "pipeline"
@@ -113,14 +113,7 @@ def _checked_tag(latest: Path) -> str:
 
 def resolve_tag_folder(path: Path) -> tuple[Path, str, list[str]]:
     """The folder holding the model files, its tag, and notes on how it was found."""
-    if not path.exists():
-        raise CheckpointError("no such file or folder", where=path, hint="check the checkpoint path")
-    if not path.is_dir():
-        raise CheckpointError(
-            "a NeoX checkpoint is a folder, not a file",
-            where=path,
-            hint="pass the global_stepN folder or its parent",
-        )
+    check_folder(path, what="a NeoX checkpoint", hint="pass the global_stepN folder or its parent")
     if _has_model_files(path):
         return path, path.name, []
     latest = path / "latest"
