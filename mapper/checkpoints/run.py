@@ -24,7 +24,7 @@ from mapper.formats.hf_writer import HFWriter
 from mapper.formats.neox_writer import NeoXWriter
 from mapper.formats.output import AtomicFile, write_bytes_atomic
 from mapper.formats.safetensors_io import write_safetensors
-from mapper.formats.writing import recorded_kind
+from mapper.formats.parts import recorded_kind
 from mapper.record import output_path
 from mapper.spec import dump_rule_set
 

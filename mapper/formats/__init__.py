@@ -2,7 +2,7 @@
 
 Readers implement :class:`~mapper.tensors.Source`, writers :class:`~mapper.tensors.Sink`.
 Loading pickles follows :mod:`mapper.formats.safe_pickle`; output is atomic
-(:mod:`mapper.formats.output`) and can be split across machines (:mod:`mapper.formats.writing`).
+(:mod:`mapper.formats.output`) and can be split across machines (:mod:`mapper.formats.parts`).
 """
 
 from __future__ import annotations

@@ -18,10 +18,10 @@ import torch
 
 from mapper.errors import ConversionError
 from mapper.formats.hf_files import SAFETENSORS_INDEX, index_document, shard_names
-from mapper.formats.output import AtomicFile
+from mapper.formats.output import AtomicFile, write_json
 from mapper.formats.safetensors_io import data_order, file_size, write_safetensors
 from mapper.formats.streaming import Locate
-from mapper.formats.writing import PlannedFile, StagedWriter, write_json
+from mapper.formats.writing import PlannedFile, StagedWriter
 from mapper.keyorder import natural_sorted
 from mapper.tensors import Manifest
 
@@ -47,7 +47,7 @@ class HFWriter(StagedWriter):
 
     ``inputs`` are the folders being converted (the output may not be inside one of them);
     ``force`` replaces an existing output folder once the new one is complete; ``parts`` and
-    :meth:`finalize_parts` split the work across machines (:mod:`mapper.formats.writing`);
+    :meth:`finalize_parts` split the work across machines (:mod:`mapper.formats.parts`);
     ``locate`` (a reader's ``file_range``) lets tensors that are plain byte ranges of an input
     file be copied file to file in the kernel (:mod:`mapper.formats.file_ranges`).
     """

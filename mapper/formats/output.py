@@ -28,13 +28,14 @@
 - A full disk is a :class:`~mapper.errors.ConversionError` saying how many bytes were needed.
 
 Multi-machine parts share one staging folder, ``.OUT.mapper-parts`` (no host or pid in the name,
-so every machine of a job array finds it); see :mod:`mapper.formats.writing`.
+so every machine of a job array finds it); see :mod:`mapper.formats.parts`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import queue
 import re
@@ -527,6 +528,11 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
         f.write(data)
 
 
+def write_json(path: Path, data: Any) -> None:
+    """``data`` as indented JSON with sorted keys, written atomically."""
+    write_bytes_atomic(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode("utf-8"))
+
+
 def _remove_tree(path: Path, empty_parents: Iterable[Path] = ()) -> None:
     """Remove ``path``, then each of ``empty_parents`` (deepest first) that is empty."""
     shutil.rmtree(path, ignore_errors=True)
@@ -542,7 +548,7 @@ class StagingFolder:
 
     ``shared=True`` is the staging folder of a multi-machine run: it is not tied to this process,
     so it is neither removed on garbage collection nor by :meth:`abort` (each part removes only
-    its own files; see :mod:`mapper.formats.writing`).
+    its own files; see :mod:`mapper.formats.parts`).
     """
 
     def __init__(self, out: Path, *, force: bool = False, shared: bool = False):
