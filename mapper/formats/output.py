@@ -37,7 +37,6 @@ import contextlib
 import errno
 import json
 import os
-import queue
 import re
 import secrets
 import shutil
@@ -45,6 +44,8 @@ import socket
 import threading
 import weakref
 from collections.abc import Iterable, Iterator
+from concurrent import futures
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -405,23 +406,24 @@ class Flusher:
     writer while the kernel writes that file back; here the next file is written meanwhile, as
     ``cp`` goes on while the kernel writes back what it copied. :meth:`wait` returns once every
     file given to :meth:`add` is on disk, and raises the first failure (a full disk can surface
-    only at fsync, with delayed allocation) as a :class:`ConversionError` naming the file.
+    only at fsync, with delayed allocation) as a :class:`ConversionError` naming the file. One
+    thread (a :class:`~concurrent.futures.ThreadPoolExecutor` of one), started by the first file.
     """
 
     def __init__(self, name: str = "mapper-fsync"):
         self._name = name
-        self._queue: queue.Queue[Path | None] = queue.Queue()
-        self._thread: threading.Thread | None = None
-        self._starting = threading.Lock()  # add() may be called from several writer threads
+        self._pool: ThreadPoolExecutor | None = None
+        self._pending: list[Future[None]] = []
+        self._lock = threading.Lock()  # add() may be called from several writer threads
         self._error: ConversionError | None = None
 
     def add(self, path: Path) -> None:
         self.raise_error()
-        with self._starting:
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
-                self._thread.start()
-        self._queue.put(path)
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(1, thread_name_prefix=self._name)
+            self._pending = [f for f in self._pending if not f.done()]
+            self._pending.append(self._pool.submit(self._fsync, path))
 
     def raise_error(self) -> None:
         if self._error is not None:
@@ -429,28 +431,21 @@ class Flusher:
 
     def wait(self) -> None:
         """Block until every added file is durable; raise the first failure."""
-        self._queue.join()
+        with self._lock:
+            pending = list(self._pending)
+        futures.wait(pending)
         self.raise_error()
 
     def close(self) -> None:
         """Let the thread end (after what is queued); does not raise."""
-        with self._starting:
-            if self._thread is not None:
-                self._queue.put(None)
-                self._thread = None
-
-    def _run(self) -> None:
-        while True:
-            path = self._queue.get()
-            try:
-                if path is None:
-                    return
-                if self._error is None:
-                    self._fsync(path)
-            finally:
-                self._queue.task_done()
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=False)
 
     def _fsync(self, path: Path) -> None:
+        if self._error is not None:
+            return
         try:
             fd = os.open(path, os.O_RDONLY)
             try:

@@ -31,11 +31,11 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import queue
 import sys
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -86,11 +86,13 @@ class PlannedFile:
 
 
 class BackgroundWriter:
-    """``workers`` threads writing groups, each group in one thread, at most ``workers`` at once.
+    """A pool of ``workers`` threads writing groups, each group in one thread, at most ``workers``
+    at once (:class:`~concurrent.futures.ThreadPoolExecutor`).
 
     :meth:`submit` waits for a free thread before handing over the next group, so the caller
     builds group ``i+workers`` while the groups before it are written and never gets further
-    ahead: at most ``workers + 1`` groups are alive.
+    ahead: at most ``workers + 1`` groups are alive. The first error of a thread stops the others
+    (between tensors, :attr:`stop`) and is raised by the next :meth:`submit` or :meth:`close`.
     """
 
     def __init__(
@@ -101,29 +103,22 @@ class BackgroundWriter:
         self._name = name
         self._workers = max(1, workers)
         self._free = threading.Semaphore(self._workers)
-        self._queue: queue.Queue[tuple[int, Mapping[str, torch.Tensor]] | None] = queue.Queue()
+        self._pool: ThreadPoolExecutor | None = None
         self.stop = threading.Event()
         self._error: BaseException | None = None
-        self._threads: list[threading.Thread] = []
 
-    def _run(self) -> None:
-        while True:
-            item = self._queue.get()
-            write = None
-            try:
-                if item is None:
-                    return
-                write = self._write()
-                if write is not None and self._error is None and not self.stop.is_set():
-                    write(*item)
-            except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
-                if self._error is None:
-                    self._error = exc
-                self.stop.set()
-            finally:
-                item = write = None  # hold neither the tensors nor the writer while idle
-                self._queue.task_done()
-                self._free.release()
+    def _run(self, index: int, tensors: Mapping[str, torch.Tensor]) -> None:
+        write = self._write() if not self.stop.is_set() else None
+        if write is not None:
+            write(index, tensors)
+
+    def _done(self, future: Future[None]) -> None:
+        error = None if future.cancelled() else future.exception()
+        if error is not None:
+            if self._error is None:
+                self._error = error
+            self.stop.set()
+        self._free.release()  # after the error is kept: a waiting submit() raises it
 
     def raise_error(self) -> None:
         if self._error is not None:
@@ -133,40 +128,33 @@ class BackgroundWriter:
         self._free.acquire()
         try:
             self.raise_error()
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self._workers, thread_name_prefix=self._name)
+            future = self._pool.submit(self._run, index, tensors)
         except BaseException:
             self._free.release()
             raise
-        if not self._threads:
-            self._threads = [
-                threading.Thread(target=self._run, name=f"{self._name}-{n}", daemon=True)
-                for n in range(self._workers)
-            ]
-            for thread in self._threads:
-                thread.start()
-        self._queue.put((index, tensors))
+        future.add_done_callback(self._done)
 
-    def _end_threads(self) -> None:
-        for _ in self._threads:
-            self._queue.put(None)
-        for thread in self._threads:
-            thread.join()
-        self._threads = []
+    def _end(self, *, wait: bool, cancel: bool) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=wait, cancel_futures=cancel)
 
     def close(self) -> None:
         """Wait for every submitted group; re-raise the first worker error."""
-        self._end_threads()
+        self._end(wait=True, cancel=False)
         self.raise_error()
 
     def shutdown(self) -> None:
         """Let the threads end once idle, without waiting (for an abandoned writer)."""
         self.stop.set()
-        for _ in self._threads:
-            self._queue.put(None)
+        self._end(wait=False, cancel=True)
 
     def cancel(self) -> None:
         """Stop after the tensors being written; drop what is queued."""
         self.stop.set()
-        self._end_threads()
+        self._end(wait=True, cancel=True)
 
 
 def _malloc_trim() -> Callable[[], object] | None:
