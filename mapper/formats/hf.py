@@ -12,7 +12,6 @@ for safetensors, a map of that tensor's bytes alone, so the pages read go away w
 from __future__ import annotations
 
 import difflib
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ from mapper.errors import CheckpointError
 from mapper.formats import safe_pickle
 from mapper.formats.readahead import will_need
 from mapper.formats.hf_files import LOOKED_FOR, present, read_index, weight_files
+from mapper.formats.mapped_files import MappedFiles
 from mapper.formats.safetensors_io import Entry, map_tensor, read_header
 from mapper.input_files import check_folder, read_json
 from mapper.keyorder import natural_key
@@ -41,9 +41,7 @@ class HFCheckpoint(ClosingReader):
                                  hint="pass the HuggingFace model folder (the one with config.json)")
         config_path = self.path / "config.json"
         self.config: dict[str, Any] | None = read_json(config_path, what=config_path.name) if present(config_path) else None
-        self._lock = threading.Lock()
-        self._loaded: dict[Path, dict[str, torch.Tensor]] = {}
-        self._legacy: tuple[Path, dict[str, torch.Tensor]] | None = None
+        self._files: MappedFiles[dict[str, torch.Tensor]] = MappedFiles()  # the .bin files
         self._bin_metas: dict[str, TensorMeta] = {}
         self._entries: dict[str, Entry] = {}
         self._file_of: dict[str, Path] = {}
@@ -114,20 +112,14 @@ class HFCheckpoint(ClosingReader):
 
     def _load_bin(self, file: Path) -> dict[str, torch.Tensor]:
         """One .bin file's tensors: memory-mapped ones are kept, a legacy one only until the next."""
-        with self._lock:
-            if file in self._loaded:
-                return self._loaded[file]
-            if self._legacy is not None and self._legacy[0] == file:
-                return self._legacy[1]
-            notes: list[str] = []
-            state = safe_pickle.load(file)
-            tensors = safe_pickle.tensors_from_state(state, file=file, what="this weights file", notes=notes)
-            self.notes.extend(n for n in notes if n not in self.notes)
-            if safe_pickle.is_zip_file(file):
-                self._loaded[file] = tensors
-            else:
-                self._legacy = (file, tensors)
-            return tensors
+        return self._files.load(file, self._read_bin)
+
+    def _read_bin(self, file: Path) -> dict[str, torch.Tensor]:
+        notes: list[str] = []
+        state = safe_pickle.load(file)
+        tensors = safe_pickle.tensors_from_state(state, file=file, what="this weights file", notes=notes)
+        self.notes.extend(n for n in notes if n not in self.notes)
+        return tensors
 
     def manifest(self) -> dict[str, TensorMeta]:
         """Every tensor's shape and dtype, in natural key order, without reading tensor data."""
@@ -151,12 +143,15 @@ class HFCheckpoint(ClosingReader):
         file = self.file_of(key)
         if self.format == "safetensors":
             return will_need(map_tensor(file, self._entries[key]))
-        return self._load_bin(file)[key]
+        tensors = self._load_bin(file)
+        tensor = tensors[key]
+        placement = self._files.placement(file, tensors.values())
+        if placement is not None:  # a writer copies its bytes file to file (mapper.formats.file_ranges)
+            placement.register(tensor)
+        return tensor
 
     def close(self) -> None:
-        with self._lock:
-            self._loaded.clear()
-            self._legacy = None
+        self._files.clear()
 
     def __repr__(self) -> str:
         return f"HFCheckpoint({str(self.path)!r}, format={self.format}, files={len(self.files)})"

@@ -20,7 +20,6 @@ from mapper.errors import ConversionError
 from mapper.formats.hf_files import SAFETENSORS_INDEX, index_document, shard_names
 from mapper.formats.output import AtomicFile, write_json
 from mapper.formats.safetensors_io import data_order, file_size, write_safetensors
-from mapper.formats.streaming import Locate
 from mapper.formats.writing import PlannedFile, StagedWriter
 from mapper.keyorder import natural_sorted
 from mapper.tensors import Manifest
@@ -47,9 +46,9 @@ class HFWriter(StagedWriter):
 
     ``inputs`` are the folders being converted (the output may not be inside one of them);
     ``force`` replaces an existing output folder once the new one is complete; ``parts`` and
-    :meth:`finalize_parts` split the work across machines (:mod:`mapper.formats.parts`);
-    ``locate`` (a reader's ``file_range``) lets tensors that are plain byte ranges of an input
-    file be copied file to file in the kernel (:mod:`mapper.formats.file_ranges`).
+    :meth:`finalize_parts` split the work across machines (:mod:`mapper.formats.parts`). Tensors
+    whose bytes are a range of an input file are copied file to file in the kernel
+    (:mod:`mapper.formats.file_ranges`).
     """
 
     kind = "hf"
@@ -66,7 +65,6 @@ class HFWriter(StagedWriter):
         force: bool = False,
         inputs: Iterable[str | Path] = (),
         background: bool = True,
-        locate: Locate | None = None,
     ):
         if max_shard_size < 1:
             raise ConversionError(f"max_shard_size={max_shard_size} must be positive", hint="e.g. 5 * 10**9")
@@ -78,7 +76,6 @@ class HFWriter(StagedWriter):
             )
         self.config = dict(config) if config is not None else None
         self.max_shard_size = max_shard_size
-        self.locate = locate
         self.metadata = {"format": "pt", **(metadata or {})}
         super().__init__(out_dir, parts=parts, force=force, inputs=inputs, background=background)
 
@@ -100,7 +97,7 @@ class HFWriter(StagedWriter):
         owned = isinstance(tensors, dict) and tensors.keys() == set(planned.keys)
         selected = tensors if owned else {k: tensors[k] for k in planned.keys}
         with AtomicFile(folder / planned.name, needed=needed, total=self._total_bytes(), sync=False) as f:
-            write_safetensors(f, selected, self.metadata, stop=stop, release=owned, locate=self.locate)
+            write_safetensors(f, selected, self.metadata, stop=stop, release=owned)
 
     @classmethod
     def _write_extras(cls, folder: Path, plan: Sequence[PlannedFile], options: Mapping[str, Any]) -> None:

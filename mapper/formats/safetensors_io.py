@@ -28,7 +28,7 @@ import torch
 from mapper.dtypes import SAFETENSORS_DTYPES, SAFETENSORS_NAMES
 from mapper.errors import CheckpointError, ConversionError
 from mapper.formats.file_ranges import register_map
-from mapper.formats.streaming import Locate, write_value
+from mapper.formats.streaming import write_value
 from mapper.formats.output import Cancelled
 from mapper.input_files import check_regular
 from mapper.keyorder import natural_key
@@ -207,15 +207,14 @@ def write_safetensors(
     *,
     stop: threading.Event | None = None,
     release: bool = False,
-    locate: Locate | None = None,
 ) -> None:
     """Stream ``tensors`` into the writable ``f`` (anything with ``write(bytes-like)``).
 
     ``stop`` lets another thread cancel between tensors (a KeyboardInterrupt, another error).
     ``release=True`` removes each tensor from ``tensors`` (then a dict the caller owns) once it
     is written: when nothing else refers to it, its memory is freed before the next one is written.
-    Values may be :class:`~mapper.tensors.LazyConcat`; bytes that lie in a file (``locate``, a
-    reader's ``file_range``, or a registered map) are appended with ``f.copy_range``
+    Values may be :class:`~mapper.tensors.LazyConcat`; bytes that lie in an input file (mapped
+    memory a reader registered) are appended with ``f.copy_range``
     (:class:`~mapper.formats.output.AtomicFile`), file to file (:mod:`mapper.formats.streaming`).
     """
     if sys.byteorder != "little":
@@ -229,7 +228,7 @@ def write_safetensors(
         if stop is not None and stop.is_set():
             raise Cancelled(f"writing was cancelled before {key}")
         value = tensors[key]
-        written = write_value(f, value, locate)
+        written = write_value(f, value)
         del value
         if written != metas[key].nbytes:
             raise ConversionError(
