@@ -191,7 +191,7 @@ class NeoXWriter(StagedWriter):
             module = {}                     # written by torch.save (one file per rank holds the rank anyway)
             for key in planned.keys:
                 name = parse_neox_key(key)
-                module[f"sequential.{name.idx}.{name.key}"] = materialize(tensors[key]).contiguous().clone()
+                module[f"sequential.{name.idx}.{name.key}"] = materialize(tensors[key]).clone(memory_format=torch.contiguous_format)
             path = folder / planned.name
             path.parent.mkdir(parents=True, exist_ok=True)
             with AtomicFile(path, needed=planned.nbytes, total=self._total_bytes(), sync=False) as f:

@@ -5,8 +5,6 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import yaml
-
 from mapper.cli import main
 from mapper.spec.schema import rule_format_reference
 
