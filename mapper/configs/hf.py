@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict
 from mapper.configs.model import NeoXModelConfig
 from mapper.configs.neox_yaml import pad_vocab_size, validated
 from mapper.configs.settings import nested_get, nested_set, settings
+from mapper.dtypes import dtype_name, precision_of
 from mapper.errors import MapperError
 
 
@@ -185,7 +186,7 @@ def hf_config(model: NeoXModelConfig, arch: str, *, shapes: Mapping[str, tuple[i
         max_position_embeddings=model.positions,
         attention_bias=model.attn_has_bias,
         hidden_act=hf_activation(model),
-        dtype={"fp32": "float32", "fp16": "float16", "bfloat16": "bfloat16"}[model.precision],
+        dtype=dtype_name(model.dtype),
         use_cache=True,
     )
     if spec.gated_mlp:
@@ -285,8 +286,7 @@ def _hf_names(spec: HFTarget) -> dict[str, str]:
 
 
 def _precision_from_dtype(value: Any) -> str:
-    name = str(value or "float32").removeprefix("torch.")
-    return {"float16": "fp16", "bfloat16": "bfloat16"}.get(name, "fp32")
+    return precision_of(str(value or "float32")) or "fp32"
 
 
 def _hf_rope(config: Mapping[str, Any], spec: HFTarget) -> dict[str, Any]:

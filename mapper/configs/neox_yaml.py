@@ -21,6 +21,7 @@ from pydantic import ValidationError
 
 from mapper.configs.model import Activation, Norm, PosEmb, NeoXModelConfig
 from mapper.configs.settings import settings
+from mapper.dtypes import precision_of
 from mapper.errors import MapperError
 from mapper.input_files import read_text
 from mapper.safe_yaml import load_yaml
@@ -267,12 +268,11 @@ def _precision(args: Mapping[str, Any]) -> str:
     """NeoX ``precision``, else the DeepSpeed ``fp16``/``bf16`` blocks' ``enabled``."""
     value = args.get("precision")
     if value is not None:
-        aliases = {"fp32": "fp32", "float32": "fp32", "fp16": "fp16", "float16": "fp16",
-                   "bfloat16": "bfloat16", "bf16": "bfloat16"}
-        if str(value) not in aliases:
+        precision = precision_of(str(value))
+        if precision is None:
             raise MapperError(f"precision {value!r} is not one of fp16, bfloat16, fp32", where="config: precision",
                               hint="set precision to fp16, bfloat16 or fp32")
-        return aliases[str(value)]
+        return precision
     for key, name in (("fp16", "fp16"), ("bf16", "bfloat16")):
         block = args.get(key)
         if isinstance(block, Mapping) and block.get("enabled", False):
