@@ -43,8 +43,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from mapper.engine.execute import check_part, part_groups
 from mapper.dtypes import dtype_from_name, dtype_name
+from mapper.engine.execute import check_part, part_groups
 from mapper.errors import ConversionError
 from mapper.formats.output import Flusher, StagingFolder, check_free_space, check_output_path
 from mapper.formats.parts import Part, finalize
