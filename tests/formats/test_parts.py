@@ -74,6 +74,16 @@ def test_finalize_names_the_parts_still_missing(tmp_path: Path) -> None:
     assert (tmp_path / "out" / "model.safetensors.index.json").is_file()
 
 
+@pytest.mark.parametrize("dtype", [torch.uint16, torch.uint32, torch.uint64, torch.float8_e4m3fn, torch.bool])
+def test_every_dtype_safetensors_stores_survives_the_recorded_plan(tmp_path: Path, dtype: torch.dtype) -> None:
+    """finalize reads the plan back from JSON, dtype names included (mapper.dtypes)."""
+    tensors = {"a": torch.zeros(4, dtype=dtype), "b": torch.ones(4, dtype=dtype)}
+    for i in (1, 2):
+        run_part(HFWriter(tmp_path / "out", config=None, max_shard_size=1, parts=(i, 2)), tensors)
+    with HFCheckpoint(HFWriter.finalize_parts(tmp_path / "out")) as written:
+        assert {key: meta.dtype for key, meta in written.manifest().items()} == {"a": dtype, "b": dtype}
+
+
 def test_a_part_planned_differently_is_refused(tmp_path: Path) -> None:
     run_part(hf(tmp_path / "out", (1, 2)), TENSORS)
     other = {**TENSORS, "extra": torch.ones(1)}
