@@ -185,7 +185,7 @@ def _part(text: str | None) -> tuple[int, int] | None:
 def _dtype(text: str | None) -> Any:
     if text is None:
         return None
-    from mapper.tensors import dtype_from_name
+    from mapper.dtypes import dtype_from_name
 
     dtype = dtype_from_name(text)
     if not dtype.is_floating_point:

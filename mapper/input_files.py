@@ -56,6 +56,15 @@ def check_regular(path: Path, *, what: str = "this", error: type[MapperError] = 
     return found
 
 
+def check_folder(path: Path, *, what: str = "a checkpoint", hint: str = "pass the folder holding the model files") -> Path:
+    """``path``, after refusing a path that does not exist or is not a folder (``what`` is)."""
+    if not path.exists():
+        raise CheckpointError("no such file or folder", where=path, hint="check the path")
+    if not path.is_dir():
+        raise CheckpointError(f"{what} is a folder, not a file", where=path, hint=hint)
+    return path
+
+
 def read_bytes(
     path: Path, *, limit: int = MAX_TEXT_BYTES, what: str = "this file", error: type[MapperError] = CheckpointError,
     hint: str = "check that it exists and is readable",

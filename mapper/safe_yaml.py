@@ -11,8 +11,10 @@
 Here a document is refused, with an error naming the limit and the line, when it nests deeper
 than :data:`MAX_DEPTH` levels (checked while scanning, before the slow part), expands to more than
 :data:`MAX_VALUES` values counting each use of an alias as a copy (worked out on the node graph, in
-time proportional to the file), refers to itself, or is longer than :data:`MAX_CHARS`. Rule files
-(:mod:`mapper.spec.loader`) and NeoX configs (:mod:`mapper.configs`) are read this way.
+time proportional to the file), refers to itself, or is longer than :data:`MAX_CHARS`. A mapping
+that writes a key twice is refused too, naming the second one: PyYAML would silently keep the
+last value. Rule files (:mod:`mapper.spec.loader`) and NeoX configs (:mod:`mapper.configs`) are
+read this way.
 """
 
 from __future__ import annotations
@@ -57,34 +59,65 @@ class _LimitedLoader:
             self._depth -= 1
 
 
-_LIMITED: dict[type, type] = {}
+class _Loader(_LimitedLoader, yaml.SafeLoader):
+    """PyYAML's safe loader within the limits above."""
 
 
-def limited_loader(text: str, *, where: str, error: type[MapperError] = MapperError,
-                   base: type = yaml.SafeLoader) -> Any:
-    """A loader of class ``base`` (a ``yaml.SafeLoader`` subclass) for ``text`` that refuses
-    deep nesting; call :func:`compose` with it, and ``dispose()`` it when done."""
-    if not issubclass(base, yaml.SafeLoader):
-        raise TypeError(f"{base.__name__} is not a yaml.SafeLoader")
+def limited_loader(text: str, *, where: str, error: type[MapperError] = MapperError) -> Any:
+    """A safe loader for ``text`` that refuses deep nesting; call :func:`compose` with it, and
+    ``dispose()`` it when done."""
     if len(text) > MAX_CHARS:
         raise error(
             f"the document has {len(text)} characters; mapper reads YAML and JSON of at most {MAX_CHARS}",
             where=where, hint="is this the right file? rule files and model configs are a few kB",
         )
-    cls = _LIMITED.get(base)
-    if cls is None:
-        cls = _LIMITED[base] = type(f"Limited{base.__name__}", (_LimitedLoader, base), {})
-    loader = cls(text)
+    loader = _Loader(text)
     loader.where, loader.error = where, error
     return loader
 
 
 def compose(loader: Any) -> yaml.Node | None:
-    """The document's root node, after checking the limits (None for an empty document)."""
+    """The document's root node, after checking the limits and that no mapping repeats a key
+    (None for an empty document)."""
     node = loader.get_single_node()
     if node is not None:
         check_expansion(node, where=loader.where, error=loader.error)
+        check_unique_keys(loader, node)
     return node
+
+
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+def check_unique_keys(loader: Any, root: yaml.Node) -> None:
+    """Refuse a mapping that writes a key twice (as the keys are read: ``1`` and ``1.0`` are one
+    key), naming the second. Only plain keys are compared; a key that cannot be read is left to
+    whoever constructs the document, and ``<<`` merges follow YAML's rules."""
+    visited: set[int] = set()
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        if id(node) in visited:
+            continue
+        visited.add(id(node))
+        if isinstance(node, yaml.SequenceNode):
+            stack.extend(node.value)
+        elif isinstance(node, yaml.MappingNode):
+            seen: set[Any] = set()
+            for key_node, value_node in node.value:
+                stack.extend((key_node, value_node))
+                if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == _MERGE_TAG:
+                    continue
+                try:
+                    key = loader.construct_object(key_node)
+                except yaml.YAMLError:
+                    continue
+                if key in seen:
+                    raise loader.error(
+                        f"key {key!r} appears twice in the same mapping", where=_at(loader.where, key_node.start_mark),
+                        hint="YAML would silently keep the last one; remove the duplicate",
+                    )
+                seen.add(key)
 
 
 def check_expansion(root: yaml.Node, *, where: str, error: type[MapperError] = MapperError) -> None:
@@ -130,11 +163,10 @@ def check_expansion(root: yaml.Node, *, where: str, error: type[MapperError] = M
     measure(root, 1)
 
 
-def load_yaml(text: str, *, where: str, error: type[MapperError] = MapperError, loader: type = yaml.SafeLoader) -> Any:
-    """``yaml.load(text, Loader=loader)`` within the limits above (``loader`` a SafeLoader
-    subclass; its constructors are used). Errors of the limits are ``error`` naming
-    ``where:line:column``; PyYAML's own errors (``yaml.YAMLError``) pass through."""
-    instance = limited_loader(text, where=where, error=error, base=loader)
+def load_yaml(text: str, *, where: str, error: type[MapperError] = MapperError) -> Any:
+    """``yaml.safe_load(text)`` within the limits above. Errors of the limits are ``error``
+    naming ``where:line:column``; PyYAML's own errors (``yaml.YAMLError``) pass through."""
+    instance = limited_loader(text, where=where, error=error)
     try:
         node = compose(instance)
         return None if node is None else instance.construct_document(node)

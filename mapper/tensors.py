@@ -15,44 +15,7 @@ from typing import Protocol, TypeVar, runtime_checkable
 
 import torch
 
-# Names used in rule files, manifests, reports and safetensors headers.
-DTYPES_BY_NAME: dict[str, torch.dtype] = {
-    "float64": torch.float64,
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "int64": torch.int64,
-    "int32": torch.int32,
-    "int16": torch.int16,
-    "int8": torch.int8,
-    "uint8": torch.uint8,
-    "bool": torch.bool,
-}
-if hasattr(torch, "float8_e4m3fn"):
-    DTYPES_BY_NAME["float8_e4m3fn"] = torch.float8_e4m3fn
-    DTYPES_BY_NAME["float8_e5m2"] = torch.float8_e5m2
-
-DTYPE_NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in DTYPES_BY_NAME.items()}
-
-
-def dtype_from_name(name: str) -> torch.dtype:
-    """``"bf16"``, ``"bfloat16"``, ``"torch.bfloat16"`` -> ``torch.bfloat16``."""
-    short = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32",
-             "float": "float32", "fp64": "float64", "double": "float64"}
-    clean = name.strip().removeprefix("torch.").lower()
-    clean = short.get(clean, clean)
-    if clean not in DTYPES_BY_NAME:
-        from mapper.errors import MapperError
-
-        raise MapperError(
-            f"unknown dtype {name!r}", hint=f"use one of: {', '.join(sorted(DTYPES_BY_NAME))}"
-        )
-    return DTYPES_BY_NAME[clean]
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
-
+from mapper.dtypes import dtype_name
 
 @dataclass(frozen=True)
 class TensorMeta:
@@ -71,7 +34,7 @@ class TensorMeta:
 
     @property
     def nbytes(self) -> int:
-        return self.numel * torch.empty((), dtype=self.dtype).element_size()
+        return self.numel * self.dtype.itemsize
 
     def __str__(self) -> str:
         return f"{dtype_name(self.dtype)}[{', '.join(map(str, self.shape))}]"
@@ -210,7 +173,7 @@ class LazyConcat:
 
 def _rows_per_block(shape: torch.Size, dtype: torch.dtype, buffer_bytes: int) -> int:
     rows = shape[0]
-    row_bytes = max(math.prod(shape[1:]) * torch.empty((), dtype=dtype).element_size(), 1)
+    row_bytes = max(math.prod(shape[1:]) * dtype.itemsize, 1)
     return max(1, min(rows, buffer_bytes // row_bytes))
 
 

@@ -177,8 +177,8 @@ def test_hf_writer_consumes_its_own_copy_of_a_group(tmp_path: Path, monkeypatch:
 
     seen: list[tuple[bool, int]] = []
 
-    def spy(f, tensors, metadata, *, stop=None, release=False, locate=None):  # type: ignore[no-untyped-def]
-        write_safetensors(f, tensors, metadata, stop=stop, release=release, locate=locate)
+    def spy(f, tensors, metadata, *, stop=None, release=False):  # type: ignore[no-untyped-def]
+        write_safetensors(f, tensors, metadata, stop=stop, release=release)
         seen.append((release, len(tensors)))
 
     monkeypatch.setattr(hf_writer, "write_safetensors", spy)

@@ -6,7 +6,7 @@ an error naming it (``--trim-vocab`` converting HF -> NeoX, ``--tp`` converting 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -74,7 +74,3 @@ def options(**given: Any) -> ConversionOptions:
     except ValidationError as error:
         details = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
         raise MapperError(f"invalid option: {details}", hint="see `mapper convert --help`") from None
-
-
-def config_paths(files: Sequence[str | Path]) -> tuple[Path, ...]:
-    return tuple(Path(p) for p in files)

@@ -19,12 +19,11 @@ from mapper.version import __version__
 from mapper.checkpoints.conversion import Prepared, prepare
 from mapper.engine import ExecutionReport, execute
 from mapper.errors import MapperError
-from mapper.formats import NeoXCheckpoint
 from mapper.formats.hf_writer import HFWriter
 from mapper.formats.neox_writer import NeoXWriter
 from mapper.formats.output import AtomicFile, write_bytes_atomic
 from mapper.formats.safetensors_io import write_safetensors
-from mapper.formats.writing import recorded_kind
+from mapper.formats.parts import recorded_kind
 from mapper.record import output_path
 from mapper.spec import dump_rule_set
 
@@ -106,9 +105,8 @@ def _writer(ready: Prepared, out: Path, *, max_shard_size: int, force: bool,
     if ready.to_hf:
         metadata = {"mapper_rules": ready.forward_rules.name, "mapper_rules_version": str(ready.forward_rules.version),
                     "mapper_version": __version__}
-        locate = source.file_range if isinstance(source, NeoXCheckpoint) else None
         return HFWriter(out, config=dict(ready.hf_config or {}), max_shard_size=max_shard_size, metadata=metadata,
-                        parts=part, force=force, inputs=inputs, locate=locate)
+                        parts=part, force=force, inputs=inputs)
     return NeoXWriter(out, yaml_config=ready.neox_yaml, tp=ready.output_tp, parts=part, force=force, inputs=inputs,
                       layout=ready.layout)
 

@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict
 from mapper.configs.model import NeoXModelConfig
 from mapper.configs.neox_yaml import pad_vocab_size, validated
 from mapper.configs.settings import nested_get, nested_set, settings
+from mapper.dtypes import dtype_name, precision_of
 from mapper.errors import MapperError
 
 
@@ -240,7 +241,7 @@ def hf_config(model: NeoXModelConfig, arch: str, *, shapes: Mapping[str, tuple[i
         intermediate_size=model.mlp_widths().out_inputs,
         max_position_embeddings=model.positions,
         hidden_act=hf_activation(model),
-        dtype={"fp32": "float32", "fp16": "float16", "bfloat16": "bfloat16"}[model.precision],
+        dtype=dtype_name(model.dtype),
         use_cache=True,
     )
     if spec.attention_bias == "optional":
@@ -368,8 +369,7 @@ def _hf_names(spec: HFTarget) -> dict[str, str]:
 
 
 def _precision_from_dtype(value: Any) -> str:
-    name = str(value or "float32").removeprefix("torch.")
-    return {"float16": "fp16", "bfloat16": "bfloat16"}.get(name, "fp32")
+    return precision_of(str(value or "float32")) or "fp32"
 
 
 def _hf_rope(config: Mapping[str, Any], spec: HFTarget) -> dict[str, Any]:

@@ -33,6 +33,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from mapper.configs.settings import neox
+from mapper.dtypes import PRECISION_DTYPES
 
 Norm = Literal["layernorm", "rmsnorm", "te_layernorm", "te_rmsnorm"]
 Activation = Literal["gelu", "relu", "silu", "swiglu", "geglu", "reglu"]
@@ -42,7 +43,6 @@ Precision = Literal["fp32", "fp16", "bfloat16"]
 GATED_ACTIVATIONS = frozenset({"swiglu", "geglu", "reglu"})
 # NeoX's TELayerNormMLP passes a fixed eps to TE, whatever layernorm/rms_norm_epsilon say.
 TE_LNMLP_EPS = {"layernorm": 1.0e-5, "rmsnorm": 1.0e-8}
-PRECISION_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bfloat16": torch.bfloat16}
 MAX_INT = 2**31 - 1  # no model setting is larger; bigger values are typos or hostile files
 
 Count = Annotated[int, Field(gt=0, le=MAX_INT)]

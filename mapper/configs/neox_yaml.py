@@ -21,6 +21,7 @@ from pydantic import ValidationError
 
 from mapper.configs.model import Activation, Norm, PosEmb, NeoXModelConfig, attention_types
 from mapper.configs.settings import settings
+from mapper.dtypes import precision_of
 from mapper.errors import MapperError
 from mapper.input_files import read_text
 from mapper.safe_yaml import load_yaml
@@ -37,25 +38,6 @@ class NeoXYaml(dict):
 
 
 # ---- reading files ------------------------------------------------------------------------------
-
-
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """SafeLoader that refuses a key written twice in one mapping (PyYAML keeps the last)."""
-
-
-def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
-    seen: set[Any] = set()
-    for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=deep)
-        if key in seen:
-            mark = key_node.start_mark
-            raise MapperError(f"key {key!r} is written twice", where=f"{mark.name}:{mark.line + 1}:{mark.column + 1}",
-                              hint="keep one of them")
-        seen.add(key)
-    return loader.construct_mapping(node, deep=deep)
-
-
-_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
 
 def load_neox_yaml(paths: Sequence[Path | str] | Path | str) -> NeoXYaml:
@@ -92,7 +74,7 @@ def _read_yaml(path: Path) -> Any:
     text = read_text(path, what="this NeoX config", error=MapperError,
                      hint="check the path given to --config (the YAML the model was trained with)")
     try:
-        return load_yaml(text, where=str(path), loader=_UniqueKeyLoader)
+        return load_yaml(text, where=str(path))
     except MapperError as exc:
         raise MapperError(exc.message, where=f"{path}:{(exc.where or '').split(':', 1)[-1]}", hint=exc.hint) from None
     except yaml.YAMLError as exc:
@@ -272,12 +254,11 @@ def _precision(args: Mapping[str, Any]) -> str:
     """NeoX ``precision``, else the DeepSpeed ``fp16``/``bf16`` blocks' ``enabled``."""
     value = args.get("precision")
     if value is not None:
-        aliases = {"fp32": "fp32", "float32": "fp32", "fp16": "fp16", "float16": "fp16",
-                   "bfloat16": "bfloat16", "bf16": "bfloat16"}
-        if str(value) not in aliases:
+        precision = precision_of(str(value))
+        if precision is None:
             raise MapperError(f"precision {value!r} is not one of fp16, bfloat16, fp32", where="config: precision",
                               hint="set precision to fp16, bfloat16 or fp32")
-        return aliases[str(value)]
+        return precision
     for key, name in (("fp16", "fp16"), ("bf16", "bfloat16")):
         block = args.get(key)
         if isinstance(block, Mapping) and block.get("enabled", False):

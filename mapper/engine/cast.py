@@ -19,7 +19,7 @@ import torch
 
 from mapper.errors import ConversionError
 from mapper.ops.arith import blocks, flat
-from mapper.tensors import dtype_name
+from mapper.dtypes import dtype_name
 
 
 def cast_checked(key: str, tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -20,12 +20,12 @@ matched nothing, the later rule that produces such keys when there is one (rules
 from __future__ import annotations
 
 import itertools
-import re
 from functools import cached_property
 from collections.abc import Collection, Mapping
 from typing import Union
 
 from mapper.errors import CompileError, Problem, RuleFileError
+from mapper.keyorder import natural_key
 from mapper.ops import NeedsResidual, Op, OpContext, ShapeError
 from mapper.patterns import BoundPattern, Pattern
 from mapper.engine.nearest import nearest, patterns_meet, shape_of
@@ -160,7 +160,7 @@ class _Builder:
             binding = first.match(key)
             if binding is not None and self._in_range(binding):
                 matches.append((binding, key))
-        matches.sort(key=lambda m: _natural(m[1]))
+        matches.sort(key=lambda m: natural_key(m[1]))
         self._check_complete(op, first.pattern, [b for b, _ in matches], exclude=op.gather_over)
 
         results = []
@@ -303,7 +303,7 @@ class _Builder:
         targets = {k: v for k, v in self.working.items() if v.producer is not None}
         if expected is not None:
             self.problems.extend(expected_problems(targets, expected))
-        self.targets = dict(sorted(targets.items(), key=lambda kv: _natural(kv[0])))
+        self.targets = dict(sorted(targets.items(), key=lambda kv: natural_key(kv[0])))
 
     def plan(self) -> Plan:
         if self.problems:
@@ -377,8 +377,3 @@ def check_expected(plan: Plan, expected: Expected) -> None:
     problems = expected_problems(plan.targets, expected)
     if problems:
         raise CompileError(problems, where=f"rule set {plan.ruleset.name}")
-
-
-def _natural(key: str) -> list:
-    """Sort key so that layer 2 comes before layer 10."""
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", key)]

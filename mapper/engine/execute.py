@@ -55,16 +55,29 @@ class ExecutionReport:
     defaults: list[str] = field(default_factory=list)  # restoring nodes that used their declared default
 
 
-def part_groups(count: int, part: tuple[int, int] | None) -> range:
-    """The contiguous block of group indices that part ``I`` of ``N`` (1-based I) converts."""
+PART_HINT = "parts are numbered 1..N, like SLURM_ARRAY_TASK_ID with sbatch --array=1-N"
+
+
+def check_part(part: object) -> tuple[int, int] | None:
+    """``None`` (the whole conversion) or part ``(I, N)``, numbered 1..N; anything else is an error."""
     if part is None:
-        return range(count)
+        return None
+    if not (isinstance(part, (tuple, list)) and len(part) == 2 and all(type(n) is int for n in part)):
+        raise ConversionError(f"parts={part!r} is not (I, N) with 1 <= I <= N", hint=PART_HINT)
     index, total = part
     if not 1 <= index <= total:
-        raise MapperError(f"part {index}/{total} does not exist", hint="parts are numbered 1..N")
-    start = count * (index - 1) // total
-    stop = count * index // total
-    return range(start, stop)
+        raise ConversionError(f"part {index}/{total} does not exist: a part is (I, N) with 1 <= I <= N", hint=PART_HINT)
+    return index, total
+
+
+def part_groups(count: int, part: tuple[int, int] | None) -> range:
+    """The contiguous block of ``count`` group (output file) indices that part ``I`` of ``N``
+    converts, and its writer writes: ``count*(I-1)//N`` up to ``count*I//N`` (exclusive)."""
+    checked = check_part(part)
+    if checked is None:
+        return range(count)
+    index, total = checked
+    return range(count * (index - 1) // total, count * index // total)
 
 
 def target_manifest(plan: Plan, cast: torch.dtype | None) -> dict[str, TensorMeta]:

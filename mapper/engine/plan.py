@@ -82,10 +82,6 @@ class Plan:
 
     # --- manifests -------------------------------------------------------------------------
     @property
-    def source_manifest(self) -> dict[str, TensorMeta]:
-        return {k: v.meta for k, v in self.sources.items()}
-
-    @property
     def target_manifest(self) -> dict[str, TensorMeta]:
         return {k: v.meta for k, v in self.targets.items()}
 

@@ -2,7 +2,7 @@
 
 Readers implement :class:`~mapper.tensors.Source`, writers :class:`~mapper.tensors.Sink`.
 Loading pickles follows :mod:`mapper.formats.safe_pickle`; output is atomic
-(:mod:`mapper.formats.output`) and can be split across machines (:mod:`mapper.formats.writing`).
+(:mod:`mapper.formats.output`) and can be split across machines (:mod:`mapper.formats.parts`).
 """
 
 from __future__ import annotations
@@ -10,15 +10,16 @@ from __future__ import annotations
 from pathlib import Path
 
 from mapper.errors import CheckpointError
-from mapper.formats.hf import LOOKED_FOR as HF_LOOKED_FOR
-from mapper.formats.hf import HFCheckpoint, is_hf_folder
+from mapper.formats.hf import HFCheckpoint
+from mapper.formats.hf_files import LOOKED_FOR as HF_LOOKED_FOR
+from mapper.formats.hf_files import is_hf_folder
 from mapper.formats.hf_writer import HFWriter
 from mapper.formats.naming import neox_key, parse_neox_key
 from mapper.formats.neox import LOOKED_FOR as NEOX_LOOKED_FOR
 from mapper.formats.neox import NeoXCheckpoint, looks_like_neox
 from mapper.formats.neox_writer import NeoXWriter
 from mapper.formats.output import check_output_path
-from mapper.formats.writing import part_range
+from mapper.input_files import check_folder
 
 __all__ = [
     "HFCheckpoint",
@@ -30,21 +31,12 @@ __all__ = [
     "neox_key",
     "open_checkpoint",
     "parse_neox_key",
-    "part_range",
 ]
 
 
 def detect_format(path: str | Path) -> str:
     """``"hf"`` or ``"neox"`` for a checkpoint folder; a CheckpointError saying what was looked for."""
-    folder = Path(path)
-    if not folder.exists():
-        raise CheckpointError("no such file or folder", where=folder, hint="check the checkpoint path")
-    if not folder.is_dir():
-        raise CheckpointError(
-            "a checkpoint is a folder, not a file",
-            where=folder,
-            hint="pass the folder holding the model files",
-        )
+    folder = check_folder(Path(path))
     if is_hf_folder(folder):
         return "hf"
     if looks_like_neox(folder):

@@ -14,16 +14,16 @@ plus a record's data offset, confirmed by comparing a few storages' first bytes 
 (if no single ``B`` fits best, or the bytes differ, the file gets no ranges and its tensors are
 written the ordinary way).
 
-:class:`FileRanges` remembers the range of each tensor a reader hands out, by identity (the entry
-goes when the tensor does), so a tensor made by an op (a transpose, a cast, a slice...) is never
-mistaken for file bytes: only the very tensor object handed out, still at the same address, is.
-
-A safetensors tensor is mapped on its own (``safetensors_io.map_tensor``): there the map itself is
-registered (:func:`register_map`, the entry goes when the map does), and :func:`mapped_range`
-finds any contiguous tensor lying inside a live map, views included: a dim-0 split of an HF
-weight into tensor-parallel shards is then a range of the HF file, copied in the kernel. Memory
-inside a live map belongs to it (nothing else can be allocated there), and no op writes into its
-inputs, so such a tensor's bytes are the file's bytes.
+Every reader registers what it hands out in one registry (:func:`register_map`), and writers ask
+it (:func:`mapped_range`): any contiguous tensor lying inside registered memory that is still
+alive is a range of its file, views included (a dim-0 split of a weight into tensor-parallel
+shards is a range of the input file, copied in the kernel). A safetensors tensor is mapped on its
+own (``safetensors_io.map_tensor``) and its map is registered, the entry going with the map; a
+tensor handed out from a ``.pt`` map (found inside one of the file's records) is registered with
+its own bytes (:meth:`Placement.register`), the entry going with that tensor. Memory inside live mapped memory
+belongs to it (nothing else can be allocated there), and no op writes into its inputs, so such a
+tensor's bytes are the file's bytes; a tensor made by an op (a transpose, a cast, a copy...) lies
+elsewhere and is never taken for file bytes.
 """
 
 from __future__ import annotations
@@ -35,9 +35,9 @@ import weakref
 import zipfile
 from collections import Counter
 from collections.abc import Iterable
-from typing import Any
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -133,42 +133,47 @@ def verified_base(path: Path, records: list[tuple[int, int]], tensors: Iterable[
     return base if samples else None
 
 
-class FileRanges:
-    """The file range of each tensor handed out from a memory-mapped file (see the module doc)."""
+@dataclass(frozen=True)
+class Placement:
+    """Where a ``torch.save`` zip file was mapped: the address of its first byte, and its storage
+    records ((data offset, size), sorted)."""
 
-    def __init__(self) -> None:
-        self._by_id: dict[int, tuple[weakref.ref[torch.Tensor], int, FileRange]] = {}
+    path: Path
+    base: int
+    records: list[tuple[int, int]]
 
-    def add(self, tensor: torch.Tensor, path: Path, base: int, records: list[tuple[int, int]]) -> None:
-        """Remember ``tensor`` as bytes of ``path`` mapped at ``base``, if it is a plain range of
-        one record."""
+    def range_of(self, tensor: torch.Tensor) -> FileRange | None:
+        """The file range of ``tensor``, if it is a contiguous CPU tensor lying inside one record."""
         if tensor.device.type != "cpu" or not tensor.is_contiguous() or tensor.nbytes == 0:
-            return
-        offset = tensor.data_ptr() - base
-        index = bisect.bisect_right(records, (offset, float("inf"))) - 1
-        if index < 0:
-            return
-        start, size = records[index]
-        if not (start <= offset and offset + tensor.nbytes <= start + size):
-            return
-        key = id(tensor)
-        self._by_id[key] = (weakref.ref(tensor), tensor.data_ptr(), FileRange(path, offset, tensor.nbytes))
-        weakref.finalize(tensor, self._by_id.pop, key, None)
-
-    def find(self, tensor: object) -> FileRange | None:
-        """The range of ``tensor`` if it is one that was added (the same object, unchanged)."""
-        entry = self._by_id.get(id(tensor))
-        if entry is None or entry[0]() is not tensor:
             return None
-        assert isinstance(tensor, torch.Tensor)
-        _, address, found = entry
-        unchanged = tensor.data_ptr() == address and tensor.nbytes == found.nbytes and tensor.is_contiguous()
-        return found if unchanged else None
+        offset = tensor.data_ptr() - self.base
+        index = bisect.bisect_right(self.records, (offset, float("inf"))) - 1
+        if index < 0:
+            return None
+        start, size = self.records[index]
+        if not (start <= offset and offset + tensor.nbytes <= start + size):
+            return None
+        return FileRange(self.path, offset, tensor.nbytes)
+
+    def register(self, tensor: torch.Tensor) -> None:
+        """Register ``tensor``'s bytes as bytes of the file (:func:`register_map`) for as long as
+        ``tensor`` lives (it keeps the map alive)."""
+        found = self.range_of(tensor)
+        if found is not None:
+            register_map(tensor, tensor.data_ptr(), found.nbytes, found.path, found.offset)
+
+
+def place(path: Path, tensors: Iterable[torch.Tensor]) -> Placement | None:
+    """Where ``path`` was mapped, from ``tensors`` loaded out of it (:func:`verified_base`), or
+    None when that cannot be told for sure."""
+    records = storage_records(path)
+    base = verified_base(path, records, tensors)
+    return Placement(path, base, records) if base is not None else None
 
 
 @dataclass(frozen=True)
 class _Map:
-    owner: weakref.ref[Any]  # the mmap object: the map is live while it is
+    owner: weakref.ref[Any]  # an object keeping the memory mapped: the map is live while it is
     address: int
     nbytes: int
     path: Path
@@ -181,7 +186,8 @@ _maps_lock = threading.Lock()
 
 def register_map(owner: Any, address: int, nbytes: int, path: Path, offset: int) -> None:
     """Remember that ``nbytes`` of memory at ``address`` hold ``path`` from ``offset`` on, for as
-    long as ``owner`` (the mmap object, which tensors viewing the memory keep alive) lives."""
+    long as ``owner`` lives: the mmap object (which tensors viewing the memory keep alive), or a
+    tensor handed out from a mapped ``.pt`` file (which keeps its file's map alive)."""
     key = id(owner)
     with _maps_lock:
         _maps[key] = _Map(weakref.ref(owner), address, nbytes, path, offset)
@@ -194,7 +200,7 @@ def _forget_map(key: int) -> None:
 
 
 def mapped_range(tensor: object) -> FileRange | None:
-    """The file range of a contiguous CPU tensor lying inside a registered, live file map."""
+    """The file range of a contiguous CPU tensor lying inside registered, live mapped memory."""
     if not isinstance(tensor, torch.Tensor) or tensor.device.type != "cpu" or not tensor.is_contiguous():
         return None
     start, nbytes = tensor.data_ptr(), tensor.nbytes

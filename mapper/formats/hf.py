@@ -1,11 +1,10 @@
 """Reading HuggingFace model folders: safetensors (single or sharded) or pytorch_model.bin.
 
-Looked for in this order, like ``from_pretrained``: ``model.safetensors.index.json``,
-``model.safetensors``, ``pytorch_model.bin.index.json``, ``pytorch_model.bin``. The manifest
+Which files hold the weights, in ``from_pretrained``'s order, is :mod:`mapper.formats.hf_files`'s
+answer (an index naming files outside the folder is refused there). The manifest
 comes from the safetensors headers (validated: offsets that lie, overlap or point past the end
 of a truncated file are errors naming the file and tensor) or from memory-mapped, weights-only
-loads of the ``.bin`` files (:mod:`mapper.formats.safe_pickle`). An index whose file names point
-outside the folder (``../x``, absolute paths) is refused. ``get`` returns views of memory maps:
+loads of the ``.bin`` files (:mod:`mapper.formats.safe_pickle`). ``get`` returns views of memory maps:
 for safetensors, a map of that tensor's bytes alone, so the pages read go away with the tensor
 (memory follows the tensors in use, not the 5 GB shards they come from).
 """
@@ -13,81 +12,20 @@ for safetensors, a map of that tensor's bytes alone, so the pages read go away w
 from __future__ import annotations
 
 import difflib
-import threading
-from pathlib import Path, PurePosixPath, PureWindowsPath
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from mapper.errors import CheckpointError
 from mapper.formats import safe_pickle
-from mapper.formats.naming import natural_key
 from mapper.formats.readahead import will_need
+from mapper.formats.hf_files import LOOKED_FOR, present, read_index, weight_files
+from mapper.formats.mapped_files import MappedFiles
 from mapper.formats.safetensors_io import Entry, map_tensor, read_header
-from mapper.input_files import check_regular, read_json
+from mapper.input_files import check_folder, read_json
+from mapper.keyorder import natural_key
 from mapper.tensors import ClosingReader, TensorMeta
-
-SAFETENSORS_INDEX = "model.safetensors.index.json"
-SAFETENSORS_SINGLE = "model.safetensors"
-BIN_INDEX = "pytorch_model.bin.index.json"
-BIN_SINGLE = "pytorch_model.bin"
-LOOKED_FOR = f"{SAFETENSORS_INDEX}, {SAFETENSORS_SINGLE}, {BIN_INDEX} or {BIN_SINGLE}"
-
-
-def _present(path: Path) -> bool:
-    """Something by this name that is not a folder (a FIFO too: it is refused when read, by name,
-    rather than silently passed over)."""
-    return path.exists() and not path.is_dir()
-
-
-def is_hf_folder(folder: Path) -> bool:
-    return any(_present(folder / name) for name in (SAFETENSORS_INDEX, SAFETENSORS_SINGLE, BIN_INDEX, BIN_SINGLE))
-
-
-def _read_json(path: Path) -> Any:
-    return read_json(path, what=path.name)
-
-
-def _inside(folder: Path, name: Any, index: Path) -> Path:
-    """``folder / name`` for a relative name that stays inside ``folder``; refuse the rest."""
-    if not isinstance(name, str) or not name:
-        raise CheckpointError(f"file name {name!r} is not a string", where=index, hint="fix the index")
-    posix, windows = PurePosixPath(name), PureWindowsPath(name)
-    if (
-        posix.is_absolute()
-        or windows.is_absolute()
-        or windows.drive
-        or ".." in posix.parts
-        or ".." in windows.parts
-    ):
-        raise CheckpointError(
-            f"the index names the file {name!r}, outside the model folder; refusing to read it",
-            where=index,
-            hint="index file names must be plain names of files in the same folder",
-        )
-    return folder / name
-
-
-def _index_files(folder: Path, index_name: str) -> dict[str, Path]:
-    """key -> shard file from an index, after checking every name stays inside ``folder``."""
-    index = folder / index_name
-    raw = _read_json(index)
-    weight_map = raw.get("weight_map") if isinstance(raw, dict) else None
-    if not isinstance(weight_map, dict) or not weight_map:
-        raise CheckpointError(
-            "no 'weight_map' object in the index", where=index, hint="is this a HF index file?"
-        )
-    files = {str(key): _inside(folder, name, index) for key, name in weight_map.items()}
-    for path in sorted(set(files.values())):
-        if path.exists():
-            check_regular(path, what="this shard")
-        else:
-            raise CheckpointError(
-                f"the index names {path.name}, which does not exist",
-                where=index,
-                hint="copy the missing shard",
-            )
-    return files
 
 
 class HFCheckpoint(ClosingReader):
@@ -99,39 +37,29 @@ class HFCheckpoint(ClosingReader):
     """
 
     def __init__(self, path: str | Path):
-        self.path = Path(path)
-        if not self.path.is_dir():
-            raise CheckpointError(
-                "not a folder" if self.path.exists() else "no such folder",
-                where=self.path,
-                hint="pass the HuggingFace model folder (the one with config.json)",
-            )
+        self.path = check_folder(Path(path), what="a HuggingFace model",
+                                 hint="pass the HuggingFace model folder (the one with config.json)")
         config_path = self.path / "config.json"
-        self.config: dict[str, Any] | None = _read_json(config_path) if _present(config_path) else None
-        self._lock = threading.Lock()
-        self._loaded: dict[Path, dict[str, torch.Tensor]] = {}
-        self._legacy: tuple[Path, dict[str, torch.Tensor]] | None = None
+        self.config: dict[str, Any] | None = read_json(config_path, what=config_path.name) if present(config_path) else None
+        self._files: MappedFiles[dict[str, torch.Tensor]] = MappedFiles()  # the .bin files
         self._bin_metas: dict[str, TensorMeta] = {}
         self._entries: dict[str, Entry] = {}
         self._file_of: dict[str, Path] = {}
         self.metadata: dict[str, str] = {}
         self.notes: list[str] = []
-        if _present(self.path / SAFETENSORS_INDEX):
-            self.format = "safetensors"
-            self._open_safetensors(_index_files(self.path, SAFETENSORS_INDEX), self.path / SAFETENSORS_INDEX)
-        elif _present(self.path / SAFETENSORS_SINGLE):
-            self.format = "safetensors"
-            self._open_safetensors(None, None)
-        elif _present(self.path / BIN_INDEX):
-            self.format = "bin"
-            self._open_bin(_index_files(self.path, BIN_INDEX), self.path / BIN_INDEX)
-        elif _present(self.path / BIN_SINGLE):
-            self.format = "bin"
-            self._open_bin(None, None)
-        else:
+        found = weight_files(self.path)
+        if found is None:
             raise CheckpointError(
                 "no model weights in this folder", where=self.path, hint=f"mapper looked for {LOOKED_FOR}"
             )
+        self.format = found.format
+        mapped = read_index(found.index) if found.index is not None else None
+        files = sorted(set(mapped.values()), key=lambda p: natural_key(p.name)) if mapped else [found.single]
+        if self.format == "safetensors":
+            self._open_safetensors(files)  # type: ignore[arg-type]
+        else:
+            self._open_bin(files)  # type: ignore[arg-type]
+        self._check_index(mapped, self._file_of, found.index)
         self.files = sorted(set(self._file_of.values()), key=lambda p: natural_key(p.name))
 
     def _check_index(
@@ -155,12 +83,7 @@ class HFCheckpoint(ClosingReader):
         for key in found.keys() - mapped.keys():
             self.notes.append(f"{found[key]}:{key}: not in the index (read anyway)")
 
-    def _open_safetensors(self, mapped: dict[str, Path] | None, index: Path | None) -> None:
-        shards = (
-            sorted(set(mapped.values()), key=lambda p: natural_key(p.name))
-            if mapped
-            else [self.path / SAFETENSORS_SINGLE]
-        )
+    def _open_safetensors(self, shards: list[Path]) -> None:
         for shard in shards:
             header = read_header(shard)
             if not self.metadata:
@@ -174,14 +97,8 @@ class HFCheckpoint(ClosingReader):
                     )
                 self._entries[key] = entry
                 self._file_of[key] = shard
-        self._check_index(mapped, self._file_of, index)
 
-    def _open_bin(self, mapped: dict[str, Path] | None, index: Path | None) -> None:
-        files = (
-            sorted(set(mapped.values()), key=lambda p: natural_key(p.name))
-            if mapped
-            else [self.path / BIN_SINGLE]
-        )
+    def _open_bin(self, files: list[Path]) -> None:
         for file in files:
             for key, tensor in self._load_bin(file).items():
                 self._bin_metas[key] = TensorMeta.of(tensor)
@@ -192,24 +109,17 @@ class HFCheckpoint(ClosingReader):
                         hint="remove the stale file",
                     )
                 self._file_of[key] = file
-        self._check_index(mapped, self._file_of, index)
 
     def _load_bin(self, file: Path) -> dict[str, torch.Tensor]:
         """One .bin file's tensors: memory-mapped ones are kept, a legacy one only until the next."""
-        with self._lock:
-            if file in self._loaded:
-                return self._loaded[file]
-            if self._legacy is not None and self._legacy[0] == file:
-                return self._legacy[1]
-            notes: list[str] = []
-            state = safe_pickle.load(file)
-            tensors = safe_pickle.tensors_from_state(state, file=file, what="this weights file", notes=notes)
-            self.notes.extend(n for n in notes if n not in self.notes)
-            if safe_pickle.is_zip_file(file):
-                self._loaded[file] = tensors
-            else:
-                self._legacy = (file, tensors)
-            return tensors
+        return self._files.load(file, self._read_bin)
+
+    def _read_bin(self, file: Path) -> dict[str, torch.Tensor]:
+        notes: list[str] = []
+        state = safe_pickle.load(file)
+        tensors = safe_pickle.tensors_from_state(state, file=file, what="this weights file", notes=notes)
+        self.notes.extend(n for n in notes if n not in self.notes)
+        return tensors
 
     def manifest(self) -> dict[str, TensorMeta]:
         """Every tensor's shape and dtype, in natural key order, without reading tensor data."""
@@ -233,12 +143,15 @@ class HFCheckpoint(ClosingReader):
         file = self.file_of(key)
         if self.format == "safetensors":
             return will_need(map_tensor(file, self._entries[key]))
-        return self._load_bin(file)[key]
+        tensors = self._load_bin(file)
+        tensor = tensors[key]
+        placement = self._files.placement(file, tensors.values())
+        if placement is not None:  # a writer copies its bytes file to file (mapper.formats.file_ranges)
+            placement.register(tensor)
+        return tensor
 
     def close(self) -> None:
-        with self._lock:
-            self._loaded.clear()
-            self._legacy = None
+        self._files.clear()
 
     def __repr__(self) -> str:
         return f"HFCheckpoint({str(self.path)!r}, format={self.format}, files={len(self.files)})"

@@ -2,9 +2,8 @@
 
 Shards are filled in natural key order (``layers.2`` before ``layers.10``) up to
 ``max_shard_size`` bytes of tensor data (a larger tensor gets a shard of its own) and named like
-``save_pretrained`` names them: ``model.safetensors`` for one shard, else
-``model-00001-of-0000N.safetensors`` plus ``model.safetensors.index.json``
-(``metadata.total_size``, ``weight_map``). Every shard's ``__metadata__`` holds ``format: pt``
+``save_pretrained`` names them (:mod:`mapper.formats.hf_files`): ``model.safetensors`` for one
+shard, else ``model-00001-of-0000N.safetensors`` plus ``model.safetensors.index.json``. Every shard's ``__metadata__`` holds ``format: pt``
 (transformers refuses other formats) and the caller's metadata (rule set name, version...).
 """
 
@@ -18,21 +17,12 @@ from typing import Any
 import torch
 
 from mapper.errors import ConversionError
-from mapper.formats.naming import natural_sorted
-from mapper.formats.output import AtomicFile
+from mapper.formats.hf_files import SAFETENSORS_INDEX, index_document, shard_names
+from mapper.formats.output import AtomicFile, write_json
 from mapper.formats.safetensors_io import data_order, file_size, write_safetensors
-from mapper.formats.streaming import Locate
-from mapper.formats.writing import PlannedFile, StagedWriter, write_json
+from mapper.formats.writing import PlannedFile, StagedWriter
+from mapper.keyorder import natural_sorted
 from mapper.tensors import Manifest
-
-INDEX_NAME = "model.safetensors.index.json"
-
-
-def shard_names(count: int) -> list[str]:
-    if count == 1:
-        return ["model.safetensors"]
-    return [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
-
 
 def plan_shards(manifest: Manifest, max_shard_size: int) -> list[PlannedFile]:
     """Fill shards in natural key order; a shard is closed before it would exceed the limit."""
@@ -56,9 +46,9 @@ class HFWriter(StagedWriter):
 
     ``inputs`` are the folders being converted (the output may not be inside one of them);
     ``force`` replaces an existing output folder once the new one is complete; ``parts`` and
-    :meth:`finalize_parts` split the work across machines (:mod:`mapper.formats.writing`);
-    ``locate`` (a reader's ``file_range``) lets tensors that are plain byte ranges of an input
-    file be copied file to file in the kernel (:mod:`mapper.formats.file_ranges`).
+    :meth:`finalize_parts` split the work across machines (:mod:`mapper.formats.parts`). Tensors
+    whose bytes are a range of an input file are copied file to file in the kernel
+    (:mod:`mapper.formats.file_ranges`).
     """
 
     kind = "hf"
@@ -75,7 +65,6 @@ class HFWriter(StagedWriter):
         force: bool = False,
         inputs: Iterable[str | Path] = (),
         background: bool = True,
-        locate: Locate | None = None,
     ):
         if max_shard_size < 1:
             raise ConversionError(f"max_shard_size={max_shard_size} must be positive", hint="e.g. 5 * 10**9")
@@ -87,7 +76,6 @@ class HFWriter(StagedWriter):
             )
         self.config = dict(config) if config is not None else None
         self.max_shard_size = max_shard_size
-        self.locate = locate
         self.metadata = {"format": "pt", **(metadata or {})}
         super().__init__(out_dir, parts=parts, force=force, inputs=inputs, background=background)
 
@@ -109,17 +97,12 @@ class HFWriter(StagedWriter):
         owned = isinstance(tensors, dict) and tensors.keys() == set(planned.keys)
         selected = tensors if owned else {k: tensors[k] for k in planned.keys}
         with AtomicFile(folder / planned.name, needed=needed, total=self._total_bytes(), sync=False) as f:
-            write_safetensors(f, selected, self.metadata, stop=stop, release=owned, locate=self.locate)
+            write_safetensors(f, selected, self.metadata, stop=stop, release=owned)
 
     @classmethod
     def _write_extras(cls, folder: Path, plan: Sequence[PlannedFile], options: Mapping[str, Any]) -> None:
         if len(plan) > 1:
-            write_json(
-                folder / INDEX_NAME,
-                {
-                    "metadata": {"total_size": sum(p.nbytes for p in plan)},
-                    "weight_map": {key: p.name for p in plan for key in p.keys},
-                },
-            )
+            write_json(folder / SAFETENSORS_INDEX,
+                       index_document(((p.name, p.keys) for p in plan), sum(p.nbytes for p in plan)))
         if options.get("config") is not None:
             write_json(folder / "config.json", options["config"])

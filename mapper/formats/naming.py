@@ -1,4 +1,4 @@
-"""The NeoX key namespace and the natural key order, shared by readers and writers.
+"""The NeoX key namespace, shared by readers and writers.
 
 A NeoX tensor ``K`` of pipeline layer ``idx`` on tensor-parallel rank ``rank`` is named
 ``layer_{idx:02d}.{K}@rank{rank}`` whichever layout it was stored in, so one rule set serves the
@@ -56,17 +56,3 @@ def layer_file_name(idx: int, rank: int) -> str:
 def mp_rank_file_name(rank: int) -> str:
     """The per-TP-rank file DeepSpeed's ``DeepSpeedEngine._get_ckpt_name`` names."""
     return f"mp_rank_{rank:02d}_model_states.pt"
-
-
-def natural_key(text: str) -> tuple[tuple[str | int, ...], str]:
-    """Sort key putting ``layers.2`` before ``layers.10`` (digit runs compare as numbers).
-
-    Text and number runs alternate, so two keys never compare a number with a text; the text
-    itself breaks ties (``a01`` / ``a1``) so the order is total.
-    """
-    parts = re.split(r"(\d+)", text)
-    return tuple(int(p) if i % 2 else p for i, p in enumerate(parts)), text
-
-
-def natural_sorted(keys: list[str] | tuple[str, ...] | set[str]) -> list[str]:
-    return sorted(keys, key=natural_key)

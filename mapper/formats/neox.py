@@ -24,10 +24,10 @@ checkpoint). Small tensors (norms, biases, ``_extra_state``: at most :data:`SMAL
 does not keep its whole file's map alive; and when only such small tensors of a file are still
 to be asked for (typically those a conversion drops at its very end), they are copied out and the
 map is let go of all the same. A later ``get`` of a released tensor simply loads its file again.
-A tensor handed out as a view of its file's map also has a :meth:`~NeoXCheckpoint.file_range`, so a
+A tensor handed out as a view of its file's map is registered as a range of its file, so a
 writer can copy its bytes file to file in the kernel (:mod:`mapper.formats.file_ranges`).
 Legacy non-zip files cannot be memory-mapped: they are read whole, and only the most recently
-used one is kept, so memory stays bounded by the largest file.
+used one is kept, so memory stays bounded by the largest file (:mod:`mapper.formats.mapped_files`).
 
 Optimizer files (``*optim_states.pt``), ``zero_to_fp32.py`` and ``latest`` are ignored; any other
 unknown ``.pt``/``.bin`` file is an error (it may hold weights that would silently be dropped);
@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import difflib
 import re
-import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,16 +47,16 @@ import torch
 
 from mapper.errors import CheckpointError
 from mapper.formats import safe_pickle
-from mapper.formats.file_ranges import FileRange, FileRanges, storage_records, verified_base
+from mapper.formats.mapped_files import MappedFiles
 from mapper.formats.naming import (
     LAYER_FILE,
     MP_RANK_FILE,
     SEQUENTIAL_KEY,
-    natural_key,
     neox_key,
 )
+from mapper.keyorder import natural_key
 from mapper.formats.readahead import will_need
-from mapper.input_files import check_regular, read_bytes
+from mapper.input_files import check_folder, check_regular, read_bytes
 from mapper.tensors import ClosingReader, TensorMeta
 
 PIPELINE = "pipeline"
@@ -113,14 +112,7 @@ def _checked_tag(latest: Path) -> str:
 
 def resolve_tag_folder(path: Path) -> tuple[Path, str, list[str]]:
     """The folder holding the model files, its tag, and notes on how it was found."""
-    if not path.exists():
-        raise CheckpointError("no such file or folder", where=path, hint="check the checkpoint path")
-    if not path.is_dir():
-        raise CheckpointError(
-            "a NeoX checkpoint is a folder, not a file",
-            where=path,
-            hint="pass the global_stepN folder or its parent",
-        )
+    check_folder(path, what="a NeoX checkpoint", hint="pass the global_stepN folder or its parent")
     if _has_model_files(path):
         return path, path.name, []
     latest = path / "latest"
@@ -190,19 +182,12 @@ class NeoXCheckpoint(ClosingReader):
         self.config_files = find_config_files(self.path, self.root)
         if not self.config_files:
             self.notes.append(f"{self.path}: no saved config under configs/")
-        self._lock = threading.Lock()
-        self._cache: dict[Path, dict[str, torch.Tensor]] = {}
-        self._legacy: tuple[Path, dict[str, torch.Tensor]] | None = None
+        self._files: MappedFiles[dict[str, torch.Tensor]] = MappedFiles()
         # per loaded file: the in-file keys ``get`` has not handed out since it was loaded, their
         # bytes, and the bytes of the whole file's tensors
         self._pending: dict[Path, set[str]] = {}
         self._pending_bytes: dict[Path, int] = {}
         self._file_bytes: dict[Path, int] = {}
-        self._copied: set[Path] = set()  # cached dicts holding only copies of the pending tensors
-        # per memory-mapped file, once a tensor of it is handed out: the map's address and the
-        # storage records (file_ranges), or None when they cannot be told
-        self._maps: dict[Path, tuple[int, list[tuple[int, int]]] | None] = {}
-        self._ranges = FileRanges()
         self._index: dict[str, _Located] | None = None
         self._manifest: dict[str, TensorMeta] | None = None
         self.layer_files, self.mp_rank_files = self._scan()
@@ -305,12 +290,10 @@ class NeoXCheckpoint(ClosingReader):
         With ``need``, the result may be the cached copies of the pending tensors only, provided
         ``need`` is one of them; without, it is always every tensor of the file.
         """
-        with self._lock:
-            cached = self._cache.get(file)
-            if cached is not None and (file not in self._copied or (need is not None and need in cached)):
+        with self._files.lock:
+            cached = self._files.get(file)
+            if cached is not None and (not self._files.is_copied(file) or (need is not None and need in cached)):
                 return cached
-            if self._legacy is not None and self._legacy[0] == file:
-                return self._legacy[1]
             notes: list[str] = []
             if self.layout == PIPELINE:
                 state: Any = safe_pickle.load(file)
@@ -331,12 +314,7 @@ class NeoXCheckpoint(ClosingReader):
             self.notes.extend(n for n in notes if n not in self.notes)
             self._pending[file] = set(tensors)
             self._file_bytes[file] = self._pending_bytes[file] = sum(t.nbytes for t in tensors.values())
-            self._copied.discard(file)
-            if safe_pickle.is_zip_file(file):
-                self._cache[file] = tensors
-                self._maps.pop(file, None)  # a new map: its address is worked out again
-            else:
-                self._legacy = (file, tensors)
+            self._files.keep(file, tensors)
             return tensors
 
     def _names_in(
@@ -412,37 +390,23 @@ class NeoXCheckpoint(ClosingReader):
         located = self._locate(key)
         tensors = self._load_file(located.file, located.inner)
         tensor = tensors[located.inner]
-        mapped = located.file in self._cache and located.file not in self._copied
+        mapped = self._files.is_mapped(located.file)
         if mapped and self._small(tensor.nbytes, located.file):
             tensor = tensor.clone()  # see the module docstring
         elif mapped:
             will_need(tensor)  # read ahead now, not when the writer thread touches it
-            mapped_at = self._map_of(located.file, tensors)
-            if mapped_at is not None:
-                self._ranges.add(tensor, located.file, *mapped_at)
+            placement = self._files.placement(located.file, tensors.values())
+            if placement is not None:
+                placement.register(tensor)
         self._handed_out(located.file, located.inner, tensor.nbytes)
         return tensor
-
-    def _map_of(self, file: Path, tensors: dict[str, torch.Tensor]) -> tuple[int, list[tuple[int, int]]] | None:
-        """(map address, storage records) of a loaded zip file, worked out when first needed
-        (not while building the manifest: a dry run never copies)."""
-        if file not in self._maps:
-            records = storage_records(file)
-            base = verified_base(file, records, tensors.values())
-            self._maps[file] = (base, records) if base is not None else None
-        return self._maps[file]
-
-    def file_range(self, tensor: object) -> FileRange | None:
-        """Where ``tensor``'s bytes lie in its file, if it is a view handed out by :meth:`get`
-        (a writer may then copy them file to file, :mod:`mapper.formats.file_ranges`)."""
-        return self._ranges.find(tensor)
 
     def _small(self, nbytes: int, file: Path) -> bool:
         return nbytes <= min(SMALL, self._file_bytes.get(file, 0) // 16)
 
     def _handed_out(self, file: Path, inner: str, nbytes: int) -> None:
         """Let go of ``file``'s map once its tensors were handed out (see the module docstring)."""
-        with self._lock:
+        with self._files.lock:
             pending = self._pending.get(file)
             if pending is None or inner not in pending:
                 return
@@ -450,27 +414,19 @@ class NeoXCheckpoint(ClosingReader):
             self._pending_bytes[file] -= nbytes
             if not pending:
                 del self._pending[file]
-                self._cache.pop(file, None)
-                self._maps.pop(file, None)
-                self._copied.discard(file)
-                if self._legacy is not None and self._legacy[0] == file:
-                    self._legacy = None
+                self._files.release(file)
                 return
-            cached = self._cache.get(file)
-            if cached is not None and file not in self._copied:
-                if self._small(self._pending_bytes[file], file):
-                    self._cache[file] = {k: cached[k].clone() for k in pending}
-                    self._copied.add(file)
+            if self._files.is_mapped(file) and self._small(self._pending_bytes[file], file):
+                cached = self._files.get(file)
+                assert cached is not None
+                self._files.replace(file, {k: cached[k].clone() for k in pending})
 
     def close(self) -> None:
         """Drop the cached file maps (the manifest stays)."""
-        with self._lock:
-            self._cache.clear()
-            self._legacy = None
+        with self._files.lock:
+            self._files.clear()
             self._pending.clear()
             self._pending_bytes.clear()
-            self._copied.clear()
-            self._maps.clear()
 
     def __repr__(self) -> str:
         return f"NeoXCheckpoint({str(self.path)!r}, layout={self.layout}, tp={self.tp})"

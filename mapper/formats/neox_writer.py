@@ -50,11 +50,11 @@ import yaml
 
 from mapper.version import __version__
 from mapper.errors import ConversionError, MapperError
-from mapper.formats.naming import layer_file_name, mp_rank_file_name, natural_key, parse_neox_key
+from mapper.formats.naming import layer_file_name, mp_rank_file_name, parse_neox_key
 from mapper.formats.output import AtomicFile, Cancelled, write_bytes_atomic
-from mapper.formats.streaming import Locate
 from mapper.formats.torch_zip import write_torch_save
 from mapper.formats.writing import PlannedFile, StagedWriter
+from mapper.keyorder import natural_key
 from mapper.tensors import LazyConcat, Manifest, materialize
 
 TAG = re.compile(r"^[A-Za-z0-9_.+-]+$")
@@ -152,7 +152,6 @@ class NeoXWriter(StagedWriter):
         force: bool = False,
         inputs: Iterable[str | Path] = (),
         background: bool = True,
-        locate: Locate | None = None,
     ):
         if not isinstance(tp, int) or tp < 1:
             raise ConversionError(f"tp={tp!r} must be a positive integer", hint="the number of TP ranks")
@@ -169,7 +168,6 @@ class NeoXWriter(StagedWriter):
         self.tp = tp
         self.tag = tag
         self.config_name = config_name
-        self.locate = locate
         super().__init__(out_dir, parts=parts, force=force, inputs=inputs, background=background)
 
     def _options(self) -> dict[str, Any]:
@@ -193,7 +191,7 @@ class NeoXWriter(StagedWriter):
             module = {}                     # written by torch.save (one file per rank holds the rank anyway)
             for key in planned.keys:
                 name = parse_neox_key(key)
-                module[f"sequential.{name.idx}.{name.key}"] = materialize(tensors[key]).contiguous().clone()
+                module[f"sequential.{name.idx}.{name.key}"] = materialize(tensors[key]).clone(memory_format=torch.contiguous_format)
             path = folder / planned.name
             path.parent.mkdir(parents=True, exist_ok=True)
             with AtomicFile(path, needed=planned.nbytes, total=self._total_bytes(), sync=False) as f:
@@ -208,7 +206,7 @@ class NeoXWriter(StagedWriter):
         path = folder / planned.name
         path.parent.mkdir(parents=True, exist_ok=True)
         with AtomicFile(path, needed=planned.nbytes, total=self._total_bytes(), sync=False) as f:
-            write_torch_save(f, state, locate=self.locate, stop=stop, release=True)
+            write_torch_save(f, state, stop=stop, release=True)
 
     @classmethod
     def _write_extras(cls, folder: Path, plan: Sequence[PlannedFile], options: Mapping[str, Any]) -> None:

@@ -28,15 +28,15 @@
 - A full disk is a :class:`~mapper.errors.ConversionError` saying how many bytes were needed.
 
 Multi-machine parts share one staging folder, ``.OUT.mapper-parts`` (no host or pid in the name,
-so every machine of a job array finds it); see :mod:`mapper.formats.writing`.
+so every machine of a job array finds it); see :mod:`mapper.formats.parts`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
-import queue
 import re
 import secrets
 import shutil
@@ -44,6 +44,8 @@ import socket
 import threading
 import weakref
 from collections.abc import Iterable, Iterator
+from concurrent import futures
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -404,23 +406,24 @@ class Flusher:
     writer while the kernel writes that file back; here the next file is written meanwhile, as
     ``cp`` goes on while the kernel writes back what it copied. :meth:`wait` returns once every
     file given to :meth:`add` is on disk, and raises the first failure (a full disk can surface
-    only at fsync, with delayed allocation) as a :class:`ConversionError` naming the file.
+    only at fsync, with delayed allocation) as a :class:`ConversionError` naming the file. One
+    thread (a :class:`~concurrent.futures.ThreadPoolExecutor` of one), started by the first file.
     """
 
     def __init__(self, name: str = "mapper-fsync"):
         self._name = name
-        self._queue: queue.Queue[Path | None] = queue.Queue()
-        self._thread: threading.Thread | None = None
-        self._starting = threading.Lock()  # add() may be called from several writer threads
+        self._pool: ThreadPoolExecutor | None = None
+        self._pending: list[Future[None]] = []
+        self._lock = threading.Lock()  # add() may be called from several writer threads
         self._error: ConversionError | None = None
 
     def add(self, path: Path) -> None:
         self.raise_error()
-        with self._starting:
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
-                self._thread.start()
-        self._queue.put(path)
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(1, thread_name_prefix=self._name)
+            self._pending = [f for f in self._pending if not f.done()]
+            self._pending.append(self._pool.submit(self._fsync, path))
 
     def raise_error(self) -> None:
         if self._error is not None:
@@ -428,28 +431,21 @@ class Flusher:
 
     def wait(self) -> None:
         """Block until every added file is durable; raise the first failure."""
-        self._queue.join()
+        with self._lock:
+            pending = list(self._pending)
+        futures.wait(pending)
         self.raise_error()
 
     def close(self) -> None:
         """Let the thread end (after what is queued); does not raise."""
-        with self._starting:
-            if self._thread is not None:
-                self._queue.put(None)
-                self._thread = None
-
-    def _run(self) -> None:
-        while True:
-            path = self._queue.get()
-            try:
-                if path is None:
-                    return
-                if self._error is None:
-                    self._fsync(path)
-            finally:
-                self._queue.task_done()
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=False)
 
     def _fsync(self, path: Path) -> None:
+        if self._error is not None:
+            return
         try:
             fd = os.open(path, os.O_RDONLY)
             try:
@@ -527,6 +523,11 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
         f.write(data)
 
 
+def write_json(path: Path, data: Any) -> None:
+    """``data`` as indented JSON with sorted keys, written atomically."""
+    write_bytes_atomic(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode("utf-8"))
+
+
 def _remove_tree(path: Path, empty_parents: Iterable[Path] = ()) -> None:
     """Remove ``path``, then each of ``empty_parents`` (deepest first) that is empty."""
     shutil.rmtree(path, ignore_errors=True)
@@ -542,7 +543,7 @@ class StagingFolder:
 
     ``shared=True`` is the staging folder of a multi-machine run: it is not tied to this process,
     so it is neither removed on garbage collection nor by :meth:`abort` (each part removes only
-    its own files; see :mod:`mapper.formats.writing`).
+    its own files; see :mod:`mapper.formats.parts`).
     """
 
     def __init__(self, out: Path, *, force: bool = False, shared: bool = False):

@@ -18,47 +18,24 @@ import mmap
 import struct
 import sys
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from mapper.dtypes import SAFETENSORS_DTYPES, SAFETENSORS_NAMES
 from mapper.errors import CheckpointError, ConversionError
 from mapper.formats.file_ranges import register_map
-from mapper.formats.streaming import Locate, write_value
-from mapper.formats.naming import natural_key
+from mapper.formats.streaming import write_value
 from mapper.formats.output import Cancelled
 from mapper.input_files import check_regular
+from mapper.keyorder import natural_key
 from mapper.tensors import TensorMeta
 
 MAX_HEADER = 100_000_000  # the reference implementation's limit
 MAX_DIMS = 64  # dimensions of one tensor (torch's own limit is 64 too)
-
-SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
-    "BOOL": torch.bool,
-    "U8": torch.uint8,
-    "I8": torch.int8,
-    "I16": torch.int16,
-    "I32": torch.int32,
-    "I64": torch.int64,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "F32": torch.float32,
-    "F64": torch.float64,
-}
-for _name, _attr in (
-    ("U16", "uint16"),
-    ("U32", "uint32"),
-    ("U64", "uint64"),
-    ("F8_E4M3", "float8_e4m3fn"),
-    ("F8_E5M2", "float8_e5m2"),
-):
-    if hasattr(torch, _attr):
-        SAFETENSORS_DTYPES[_name] = getattr(torch, _attr)
-SAFETENSORS_NAMES: dict[torch.dtype, str] = {v: k for k, v in SAFETENSORS_DTYPES.items()}
-
 
 @dataclass(frozen=True)
 class Entry:
@@ -184,21 +161,16 @@ def map_tensor(path: Path, entry: Entry) -> torch.Tensor:
     with open(path, "rb") as f:
         mapped = mmap.mmap(f.fileno(), entry.end - start, access=mmap.ACCESS_COPY, offset=start)
     flat = torch.frombuffer(mapped, dtype=torch.uint8, count=entry.end - entry.start, offset=entry.start - start)
-    itemsize = flat.new_empty((), dtype=meta.dtype).element_size()
-    if flat.data_ptr() % itemsize:
+    if flat.data_ptr() % meta.dtype.itemsize:
         flat = flat.clone()
     else:
         register_map(mapped, flat.data_ptr(), entry.end - entry.start, path, entry.start)
     return flat.view(meta.dtype).reshape(meta.shape)
 
 
-def itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
-
-
 def data_order(keys: Sequence[str], metas: Mapping[str, TensorMeta]) -> list[str]:
     """Largest element size first, so every tensor starts at a multiple of its element size."""
-    return sorted(keys, key=lambda k: (-itemsize(metas[k].dtype), natural_key(k)))
+    return sorted(keys, key=lambda k: (-metas[k].dtype.itemsize, natural_key(k)))
 
 
 def header_bytes(keys: Sequence[str], metas: Mapping[str, TensorMeta], metadata: Mapping[str, str]) -> bytes:
@@ -235,15 +207,14 @@ def write_safetensors(
     *,
     stop: threading.Event | None = None,
     release: bool = False,
-    locate: Locate | None = None,
 ) -> None:
     """Stream ``tensors`` into the writable ``f`` (anything with ``write(bytes-like)``).
 
     ``stop`` lets another thread cancel between tensors (a KeyboardInterrupt, another error).
     ``release=True`` removes each tensor from ``tensors`` (then a dict the caller owns) once it
     is written: when nothing else refers to it, its memory is freed before the next one is written.
-    Values may be :class:`~mapper.tensors.LazyConcat`; bytes that lie in a file (``locate``, a
-    reader's ``file_range``, or a registered map) are appended with ``f.copy_range``
+    Values may be :class:`~mapper.tensors.LazyConcat`; bytes that lie in an input file (mapped
+    memory a reader registered) are appended with ``f.copy_range``
     (:class:`~mapper.formats.output.AtomicFile`), file to file (:mod:`mapper.formats.streaming`).
     """
     if sys.byteorder != "little":
@@ -257,7 +228,7 @@ def write_safetensors(
         if stop is not None and stop.is_set():
             raise Cancelled(f"writing was cancelled before {key}")
         value = tensors[key]
-        written = write_value(f, value, locate)
+        written = write_value(f, value)
         del value
         if written != metas[key].nbytes:
             raise ConversionError(

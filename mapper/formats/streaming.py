@@ -1,8 +1,8 @@
 """A value's bytes into an output file: file to file where they lie in a file, else from memory.
 
 Both writers stream every tensor this way (safetensors shards, the ``.pt`` files of a NeoX
-checkpoint): a contiguous tensor whose bytes are a range of an input file (a tensor a reader
-handed out, or any contiguous piece of a registered map: :mod:`mapper.formats.file_ranges`) is
+checkpoint): a contiguous tensor whose bytes are a range of an input file (any contiguous piece of
+mapped memory a reader registered: :mod:`mapper.formats.file_ranges`) is
 appended with the file's ``copy_range`` (``copy_file_range(2)``, as ``cp`` copies); any other
 tensor is written from its own memory, without a copy; a strided view or a concatenation not
 made yet is written a block at a time through one reused buffer (:func:`mapper.tensors.byte_chunks`).
@@ -11,22 +11,13 @@ made yet is written a block at a time through one reused buffer (:func:`mapper.t
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from mapper.errors import ConversionError
-from mapper.formats.file_ranges import FileRange, mapped_range
+from mapper.formats.file_ranges import mapped_range
 from mapper.tensors import LazyConcat, byte_chunks
-
-Locate = Callable[[torch.Tensor], FileRange | None]
-
-
-def find_range(piece: torch.Tensor, locate: Locate | None) -> FileRange | None:
-    """Where ``piece``'s bytes lie in an input file: by the reader's ``locate``, else a registered map."""
-    found = locate(piece) if locate is not None else None
-    return found if found is not None else mapped_range(piece)
 
 
 def memory_bytes(tensor: torch.Tensor) -> memoryview:
@@ -36,7 +27,7 @@ def memory_bytes(tensor: torch.Tensor) -> memoryview:
     return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
 
 
-def write_value(f: Any, value: torch.Tensor | LazyConcat, locate: Locate | None = None) -> int:
+def write_value(f: Any, value: torch.Tensor | LazyConcat) -> int:
     """Append ``value``'s bytes (C order, little-endian) to ``f``; returns the count written.
 
     ``f`` needs ``write(bytes-like)``; with a ``copy_range(path, offset, nbytes)`` method
@@ -47,7 +38,7 @@ def write_value(f: Any, value: torch.Tensor | LazyConcat, locate: Locate | None 
     kernel = getattr(f, "copy_range", None)
     written = 0
     for piece in byte_chunks(value):
-        where = find_range(piece, locate) if kernel is not None else None
+        where = mapped_range(piece) if kernel is not None else None
         if where is not None:
             written += kernel(where.path, where.offset, where.nbytes)
             continue

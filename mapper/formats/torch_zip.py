@@ -38,7 +38,7 @@ import torch
 
 from mapper.errors import ConversionError
 from mapper.formats.output import Cancelled
-from mapper.formats.streaming import Locate, write_value
+from mapper.formats.streaming import write_value
 from mapper.tensors import LazyConcat, TensorMeta
 
 
@@ -96,7 +96,6 @@ def write_torch_save(
     f: Any,
     tensors: dict[str, torch.Tensor | LazyConcat],
     *,
-    locate: Locate | None = None,
     stop: threading.Event | None = None,
     release: bool = False,
 ) -> None:
@@ -115,7 +114,7 @@ def write_torch_save(
         name = next(with_data)
         if stop is not None and stop.is_set():
             raise Cancelled(f"writing was cancelled before {name}")
-        written = write_value(f, tensors[name], locate)
+        written = write_value(f, tensors[name])
         if written != piece:
             raise ConversionError(
                 f"tensor has {written} bytes, expected {piece}", where=name,

@@ -21,38 +21,21 @@ folder only when complete; on any error it is removed. Each file is fsynced by a
 (:class:`~mapper.formats.output.Flusher`) while the next one is written; ``finalize()`` waits for
 every fsync before it commits or writes a part's marker.
 
-Multi-machine parts. Parts are numbered 1..N like ``mapper.engine.execute(part=(I, N))``, which
-converts only part I's groups; give the writer the same ``parts=(I, N)``. ``groups()`` still
-returns all F groups (the engine checks they cover the target), and part I owns the contiguous
-block of group indices ``F*(I-1)//N`` up to ``F*I//N`` (exclusive) (:func:`part_range`, the
-engine's ``part_groups``); ``write_group`` takes those global indices and refuses others. Every
-part writes into one staging folder shared through the filesystem, ``.OUT.mapper-parts`` beside
-``OUT``. A part records the plan it used in
-``.mapper/plan.json`` (a part planned differently, from another input, rule set or options, is
-refused) and, at ``finalize()``, a marker ``.mapper/part-IIIII-of-NNNNN.json`` with the sizes of
-its files; it renames nothing. A failed part removes its own files and marker: run it again.
-When all parts are done, one separate call, ``HFWriter.finalize_parts(OUT)`` or
-``NeoXWriter.finalize_parts(OUT)``, checks that all N markers exist, agree on the plan and that
-every planned file has its recorded size, writes the files that need the whole plan (HF index
-and ``config.json``; NeoX ``mp_rank`` files, ``latest``, ``configs/``) and renames the staging
-folder to ``OUT``. With Slurm, run the parts as a job array (``sbatch --array=1-N``), part
-``(int($SLURM_ARRAY_TASK_ID), N)`` on each task, and the finalize step as a job that depends on
-the array (``sbatch --dependency=afterok:<array job id>``). To start over, delete
-``.OUT.mapper-parts``.
+Multi-machine parts. With ``parts=(I, N)`` the writer writes only part I's block of the planned
+files into a staging folder all parts share, and records its plan and, at ``finalize()``, a
+marker instead of publishing; ``finalize_parts(OUT)`` publishes once every part is done. The
+protocol is :mod:`mapper.formats.parts`.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import hashlib
-import json
-import queue
-import shutil
 import sys
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -60,19 +43,13 @@ from typing import Any, ClassVar
 
 import torch
 
-from mapper.errors import ConversionError, MapperError
-from mapper.formats.output import (
-    Flusher,
-    StagingFolder,
-    check_free_space,
-    check_output_path,
-    parts_staging_path,
-    write_bytes_atomic,
-)
-from mapper.input_files import read_json as read_checked
-from mapper.tensors import LazyConcat, Manifest, TensorMeta, dtype_from_name, dtype_name
+from mapper.dtypes import dtype_from_name, dtype_name
+from mapper.engine.execute import check_part, part_groups
+from mapper.errors import ConversionError
+from mapper.formats.output import Flusher, StagingFolder, check_free_space, check_output_path
+from mapper.formats.parts import Part, finalize
+from mapper.tensors import LazyConcat, Manifest, TensorMeta
 
-META_DIR = ".mapper"
 WRITER_THREADS = 2  # files written at once (see "Overlap" above)
 
 
@@ -108,39 +85,14 @@ class PlannedFile:
         return cls(str(raw["name"]), tuple(raw["keys"]), metas)
 
 
-def part_range(count: int, part: tuple[int, int] | None) -> range:
-    """The contiguous block of ``count`` group indices that part ``I`` of ``N`` (1-based) writes.
-
-    The same split as ``mapper.engine.execute.part_groups``, so engine and writer agree.
-    """
-    if part is None:
-        return range(count)
-    index, total = part
-    return range(count * (index - 1) // total, count * index // total)
-
-
-def check_parts(parts: tuple[int, int] | None) -> tuple[int, int] | None:
-    if parts is None:
-        return None
-    index, total = parts
-    if not (isinstance(index, int) and isinstance(total, int) and 1 <= index <= total):
-        raise ConversionError(
-            f"parts={parts!r} is not (I, N) with 1 <= I <= N",
-            hint="parts are numbered 1..N, like SLURM_ARRAY_TASK_ID with sbatch --array=1-N",
-        )
-    return index, total
-
-
-def marker_name(index: int, total: int) -> str:
-    return f"part-{index:05d}-of-{total:05d}.json"
-
-
 class BackgroundWriter:
-    """``workers`` threads writing groups, each group in one thread, at most ``workers`` at once.
+    """A pool of ``workers`` threads writing groups, each group in one thread, at most ``workers``
+    at once (:class:`~concurrent.futures.ThreadPoolExecutor`).
 
     :meth:`submit` waits for a free thread before handing over the next group, so the caller
     builds group ``i+workers`` while the groups before it are written and never gets further
-    ahead: at most ``workers + 1`` groups are alive.
+    ahead: at most ``workers + 1`` groups are alive. The first error of a thread stops the others
+    (between tensors, :attr:`stop`) and is raised by the next :meth:`submit` or :meth:`close`.
     """
 
     def __init__(
@@ -151,29 +103,22 @@ class BackgroundWriter:
         self._name = name
         self._workers = max(1, workers)
         self._free = threading.Semaphore(self._workers)
-        self._queue: queue.Queue[tuple[int, Mapping[str, torch.Tensor]] | None] = queue.Queue()
+        self._pool: ThreadPoolExecutor | None = None
         self.stop = threading.Event()
         self._error: BaseException | None = None
-        self._threads: list[threading.Thread] = []
 
-    def _run(self) -> None:
-        while True:
-            item = self._queue.get()
-            write = None
-            try:
-                if item is None:
-                    return
-                write = self._write()
-                if write is not None and self._error is None and not self.stop.is_set():
-                    write(*item)
-            except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
-                if self._error is None:
-                    self._error = exc
-                self.stop.set()
-            finally:
-                item = write = None  # hold neither the tensors nor the writer while idle
-                self._queue.task_done()
-                self._free.release()
+    def _run(self, index: int, tensors: Mapping[str, torch.Tensor]) -> None:
+        write = self._write() if not self.stop.is_set() else None
+        if write is not None:
+            write(index, tensors)
+
+    def _done(self, future: Future[None]) -> None:
+        error = None if future.cancelled() else future.exception()
+        if error is not None:
+            if self._error is None:
+                self._error = error
+            self.stop.set()
+        self._free.release()  # after the error is kept: a waiting submit() raises it
 
     def raise_error(self) -> None:
         if self._error is not None:
@@ -183,40 +128,33 @@ class BackgroundWriter:
         self._free.acquire()
         try:
             self.raise_error()
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self._workers, thread_name_prefix=self._name)
+            future = self._pool.submit(self._run, index, tensors)
         except BaseException:
             self._free.release()
             raise
-        if not self._threads:
-            self._threads = [
-                threading.Thread(target=self._run, name=f"{self._name}-{n}", daemon=True)
-                for n in range(self._workers)
-            ]
-            for thread in self._threads:
-                thread.start()
-        self._queue.put((index, tensors))
+        future.add_done_callback(self._done)
 
-    def _end_threads(self) -> None:
-        for _ in self._threads:
-            self._queue.put(None)
-        for thread in self._threads:
-            thread.join()
-        self._threads = []
+    def _end(self, *, wait: bool, cancel: bool) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=wait, cancel_futures=cancel)
 
     def close(self) -> None:
         """Wait for every submitted group; re-raise the first worker error."""
-        self._end_threads()
+        self._end(wait=True, cancel=False)
         self.raise_error()
 
     def shutdown(self) -> None:
         """Let the threads end once idle, without waiting (for an abandoned writer)."""
         self.stop.set()
-        for _ in self._threads:
-            self._queue.put(None)
+        self._end(wait=False, cancel=True)
 
     def cancel(self) -> None:
         """Stop after the tensors being written; drop what is queued."""
         self.stop.set()
-        self._end_threads()
+        self._end(wait=True, cancel=True)
 
 
 def _malloc_trim() -> Callable[[], object] | None:
@@ -241,40 +179,6 @@ def give_back_freed_memory() -> None:
         _TRIM()
 
 
-def plan_digest(document: Mapping[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(document, sort_keys=True).encode()).hexdigest()
-
-
-def read_json(path: Path) -> Any:
-    """A JSON file of the shared staging folder (``plan.json``, a part's marker): another machine
-    may have left it damaged, which is an error naming it, not a crash."""
-    return read_checked(path, what=f"{path.name} of the parts' staging folder", error=ConversionError)
-
-
-def recorded_kind(out: Path) -> str:
-    """``"hf"`` or ``"neox"``: which writer the parts of ``out`` were written with (``"hf"``
-    when no part has recorded its plan yet)."""
-    plan_path = parts_staging_path(out) / META_DIR / "plan.json"
-    if not plan_path.exists():
-        return "hf"
-    document = read_json(plan_path)
-    kind = document.get("kind") if isinstance(document, dict) else None
-    if kind not in ("hf", "neox"):
-        raise _corrupt_plan(plan_path, f"its kind is {kind!r}, not 'hf' or 'neox'")
-    return str(kind)
-
-
-def _corrupt_plan(plan_path: Path, problem: str) -> ConversionError:
-    return ConversionError(
-        f"the parts' plan is damaged: {problem}", where=plan_path,
-        hint=f"delete {plan_path.parent.parent} and run every part again",
-    )
-
-
-def write_json(path: Path, data: Any) -> None:
-    write_bytes_atomic(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode("utf-8"))
-
-
 class StagedWriter:
     """Base of the HF and NeoX writers (see the module docstring for the life cycle)."""
 
@@ -290,12 +194,13 @@ class StagedWriter:
         background: bool = True,
         workers: int = WRITER_THREADS,
     ):
-        self.parts = check_parts(parts)
+        self.parts = check_part(parts)
         self.workers = workers
         self.force = force
         self.out = check_output_path(out_dir, inputs=inputs, force=force)
         self.background = background
         self._staging = StagingFolder(self.out, force=force, shared=self.parts is not None)
+        self._part = Part(self._staging.path, self.parts, self.kind) if self.parts is not None else None
         self._plan_all: list[PlannedFile] = []
         self._mine: range = range(0)
         self._written: set[int] = set()
@@ -304,7 +209,6 @@ class StagedWriter:
         self._flusher = Flusher(name=f"mapper-{self.kind}-fsync")
         self._state = "new"
         self._result: Path | None = None
-        self._digest = ""
 
     # -- hooks for subclasses -------------------------------------------------------------
     def _plan(self, manifest: Manifest) -> list[PlannedFile]:
@@ -339,13 +243,13 @@ class StagedWriter:
             )
         plan = self._plan(manifest)
         self._plan_all = plan
-        self._mine = part_range(len(plan), self.parts)
+        self._mine = part_groups(len(plan), self.parts)
         self._state = "planned"
         try:
             self._staging.create()
             check_free_space(self.staging, self._total_bytes())
-            if self.parts:
-                self._record_plan(plan)
+            if self._part is not None:
+                self._part.start(plan, self._options())
         except BaseException:
             self.abort()
             raise
@@ -401,8 +305,8 @@ class StagedWriter:
                     where=self.out,
                     hint="call write_group for every group returned by groups()",
                 )
-            if self.parts:
-                self._write_marker()
+            if self._part is not None:
+                self._part.finish(self._plan_all[i] for i in self._mine)
                 self._result = None
             else:
                 self._write_extras(self.staging, self._plan_all, self._options())
@@ -421,10 +325,8 @@ class StagedWriter:
         if self._worker is not None:
             self._worker.cancel()
         self._flusher.close()
-        if self.parts:
-            for path in self._files_done:
-                path.unlink(missing_ok=True)
-            self._marker_path().unlink(missing_ok=True)
+        if self._part is not None:
+            self._part.abort(self._files_done)
         else:
             self._staging.abort()
 
@@ -490,112 +392,8 @@ class StagedWriter:
         """The tensor bytes this writer (or part) writes."""
         return sum(self._plan_all[i].nbytes for i in self._mine)
 
-    def _plan_document(self, plan: Sequence[PlannedFile]) -> dict[str, Any]:
-        assert self.parts is not None
-        return {
-            "kind": self.kind,
-            "parts": self.parts[1],
-            "files": [p.to_json() for p in plan],
-            "options": self._options(),
-        }
-
-    def _marker_path(self) -> Path:
-        assert self.parts is not None
-        return self.staging / META_DIR / marker_name(*self.parts)
-
-    def _record_plan(self, plan: Sequence[PlannedFile]) -> None:
-        document = self._plan_document(plan)
-        digest = plan_digest(document)
-        meta = self.staging / META_DIR
-        meta.mkdir(exist_ok=True)
-        self._marker_path().unlink(missing_ok=True)
-        plan_path = meta / "plan.json"
-        if plan_path.exists():
-            document = read_json(plan_path)
-            recorded = document.get("sha256") if isinstance(document, dict) else None
-            if recorded != digest:
-                raise ConversionError(
-                    f"the shared staging folder {self.staging} holds parts of a different plan "
-                    "(other input, rules or options)",
-                    where=plan_path,
-                    hint=f"run every part with the same input and options, or delete {self.staging} "
-                    "to start over",
-                )
-        else:
-            write_json(plan_path, {"sha256": digest, **document})
-        self._digest = digest
-
-    def _write_marker(self) -> None:
-        assert self.parts is not None
-        files = {
-            p.name: (self.staging / p.name).stat().st_size for p in (self._plan_all[i] for i in self._mine)
-        }
-        write_json(
-            self._marker_path(),
-            {"sha256": self._digest, "part": self.parts[0], "parts": self.parts[1], "files": files},
-        )
-
     @classmethod
     def finalize_parts(cls, out_dir: str | Path, *, force: bool = False) -> Path:
-        """Check that every part of a multi-machine run is complete, then commit the output."""
-        out = check_output_path(out_dir, force=force)
-        staging = StagingFolder(out, force=force, shared=True)
-        meta = staging.path / META_DIR
-        plan_path = meta / "plan.json"
-        if not plan_path.is_file():
-            raise ConversionError(
-                f"no parts were written for {out}: {plan_path} is missing",
-                where=parts_staging_path(out),
-                hint="run every part first (`mapper convert SRC OUT --part I/N`, or parts=(I, N)) into the same output folder",
-            )
-        document = read_json(plan_path)
-        if not isinstance(document, dict):
-            raise _corrupt_plan(plan_path, f"it holds a JSON {type(document).__name__}, not an object")
-        digest = document.pop("sha256", None)
-        if document.get("kind") != cls.kind or plan_digest(document) != digest:
-            raise ConversionError(
-                f"{plan_path} is not a {cls.kind} plan or was modified",
-                where=plan_path,
-                hint=f"finalize with the writer that wrote the parts, or delete {staging.path}",
-            )
-        try:
-            total = int(document["parts"])
-            plan = [PlannedFile.from_json(raw) for raw in document["files"]]
-            options = dict(document["options"])
-        except (KeyError, TypeError, ValueError, AttributeError, MapperError) as exc:
-            raise _corrupt_plan(plan_path, f"{type(exc).__name__}: {exc}") from None
-        markers = {i: meta / marker_name(i, total) for i in range(1, total + 1)}
-        missing = [i for i, m in markers.items() if not m.is_file()]
-        if missing:
-            raise ConversionError(
-                f"{len(missing)} of {total} parts are not finished: parts {missing[:20]}",
-                where=staging.path,
-                hint="run the missing parts again with the same options, then finalize",
-            )
-        for i, marker in markers.items():
-            recorded = read_json(marker)
-            if not isinstance(recorded, dict) or not isinstance(recorded.get("files"), dict):
-                raise ConversionError(
-                    f"the marker of part {i} is damaged", where=marker, hint=f"rerun part {i}"
-                )
-            if recorded.get("sha256") != digest:
-                raise ConversionError(
-                    f"part {i} was written from a different plan",
-                    where=marker,
-                    hint=f"rerun part {i} with the same input and options",
-                )
-            for index in part_range(len(plan), (i, total)):
-                name = plan[index].name
-                path = staging.path / name
-                size = recorded["files"].get(name)
-                if size is None or not path.is_file() or path.stat().st_size != size:
-                    raise ConversionError(
-                        f"{name} of part {i} is missing or has the wrong size",
-                        where=path,
-                        hint=f"rerun part {i}",
-                    )
-        cls._write_extras(staging.path, plan, options)
-        shutil.rmtree(meta)
-        for leftover in staging.path.rglob(".*.tmp-*"):
-            leftover.unlink(missing_ok=True)
-        return staging.commit()
+        """Check that every part of a multi-machine run is complete, then commit the output
+        (:func:`mapper.formats.parts.finalize`)."""
+        return finalize(out_dir, kind=cls.kind, decode=PlannedFile.from_json, write_extras=cls._write_extras, force=force)

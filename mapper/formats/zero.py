@@ -32,7 +32,8 @@ parameter's bytes from the one or two DP parts holding them straight into a new 
 touching them through the maps would leave the pages of every layer read resident until the end;
 this way resident memory follows the tensors in use. (A file whose parts cannot be placed in it
 is read through its map instead.) The module weight each master is checked against is read the
-same way when the NeoX reader can place it (:meth:`~mapper.formats.neox.NeoXCheckpoint.file_range`).
+same way when it is a registered range of its file (:func:`~mapper.formats.file_ranges.mapped_range`).
+The optimizer files are kept like every reader's (:mod:`mapper.formats.mapped_files`).
 
 Tensors without a master copy (TE ``_extra_state``, saved buffers such as rotary ``inv_freq``,
 frozen parameters) come from the module weights as saved; :attr:`MasterWeights.notes` says which.
@@ -50,7 +51,6 @@ from __future__ import annotations
 import difflib
 import math
 import re
-import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,8 +60,10 @@ import torch
 
 from mapper.errors import CheckpointError
 from mapper.formats import safe_pickle
-from mapper.formats.file_ranges import FileRange, storage_records, verified_base
-from mapper.formats.naming import SEQUENTIAL_KEY, mp_rank_file_name, natural_key, neox_key
+from mapper.formats.file_ranges import mapped_range, place
+from mapper.formats.mapped_files import MappedFiles
+from mapper.formats.naming import SEQUENTIAL_KEY, mp_rank_file_name, neox_key
+from mapper.keyorder import natural_key
 from mapper.formats.neox import PIPELINE, NeoXCheckpoint, resolve_tag_folder
 from mapper.tensors import ClosingReader, TensorMeta
 
@@ -156,9 +158,9 @@ class MasterWeights(ClosingReader):
         self.check_rounding = check_rounding
         self.notes: list[str] = [note for note in self.module.notes  # not ignored here
                                  if not OPTIM_FILE.match(Path(note.split(": ")[0]).name)]
-        self._lock = threading.Lock()
-        self._flats: dict[Path, list[torch.Tensor]] = {}
-        self._bases: dict[Path, int | None] = {}  # where each file's map starts, if known
+        # per optimizer file: its flat parts (views of its map, never touched) and where the map
+        # starts (None: unknown, the parts are then read through the map)
+        self._optim_maps: MappedFiles[tuple[list[torch.Tensor], int | None]] = MappedFiles()
         self._files = self._scan()
         self.pp = len(self._files) // self.tp
         self._shards = {file: self._read_shard(file, dp, mp) for mp, ranks in self._files.items()
@@ -283,7 +285,7 @@ class MasterWeights(ClosingReader):
         paddings = _int_list(optim.get(GROUP_PADDINGS), groups, GROUP_PADDINGS, file)
         counts = optim.get(PARTITION_COUNT)
         counts = _int_list([counts] * groups if isinstance(counts, int) else counts, groups, PARTITION_COUNT, file)
-        self._keep(file, flats, state)
+        self._optim_maps.keep(file, _placed(file, flats, state))
         return _Shard(file, dp, mp, stage, tuple(int(t.numel()) for t in flats), tuple(paddings),
                       tuple(counts), str(version))
 
@@ -529,42 +531,27 @@ class MasterWeights(ClosingReader):
             self._check_rounding(key, master, out)
         return out
 
-    def file_range(self, tensor: object) -> FileRange | None:
-        """A module weight's place in its file (masters are new tensors: None)."""
-        return self.module.file_range(tensor)
-
-    def _keep(self, file: Path, flats: list[torch.Tensor], state: object) -> None:
-        """Keep a file's flat parts (views of its map, never touched) and where the map starts,
-        if every part is confirmed to be bytes of the file (all the file's tensors vote on the
-        start, :func:`~mapper.formats.file_ranges.mapping_base`)."""
-        records = storage_records(file)
-        base = verified_base(file, records, _tensors_in(state))
-        offsets = {offset for offset, _ in records}
-        placed = base is not None and all(
-            flat.numel() == 0 or flat.untyped_storage().data_ptr() - base in offsets for flat in flats
-        )
-        self._flats[file] = flats
-        self._bases[file] = base if placed else None
-
     def _flat(self, file: Path, group: int) -> tuple[torch.Tensor, int | None]:
         """One flat part of ``file`` and where the file's map starts (None: unknown)."""
-        with self._lock:
-            if file not in self._flats:  # after close(): map the file again
-                state = self._load_optim(file)
-                flats = [t.detach() for t in state[OPTIMIZER_STATE_DICT][SINGLE_PARTITION_OF_FP32_GROUPS]]
-                if tuple(int(t.numel()) for t in flats) != self._shards[file].lengths:
-                    raise CheckpointError("this optimizer file changed while it was being read", where=file,
-                                          hint="run again once nothing writes to the checkpoint")
-                self._keep(file, flats, state)
-            return self._flats[file][group], self._bases[file]
+        flats, base = self._optim_maps.load(file, self._map_again)
+        return flats[group], base
+
+    def _map_again(self, file: Path) -> tuple[list[torch.Tensor], int | None]:
+        """After close(): the file's flat parts, mapped again."""
+        state = self._load_optim(file)
+        flats = [t.detach() for t in state[OPTIMIZER_STATE_DICT][SINGLE_PARTITION_OF_FP32_GROUPS]]
+        if tuple(int(t.numel()) for t in flats) != self._shards[file].lengths:
+            raise CheckpointError("this optimizer file changed while it was being read", where=file,
+                                  hint="run again once nothing writes to the checkpoint")
+        return _placed(file, flats, state)
 
     def _check_rounding(self, key: str, master: _Master, value: torch.Tensor) -> None:
         """The module weight must be the master rounded to its dtype (DeepSpeed copies the
         updated masters into the module weights after every step)."""
         weight = self.module.get(key)
-        place = self.module.file_range(weight)
-        if place is not None:  # read its bytes rather than touch the layer file's map
-            weight = _read_into(place.path, place.offset, torch.empty(weight.shape, dtype=weight.dtype))
+        where = mapped_range(weight)
+        if where is not None:  # read its bytes rather than touch the layer file's map
+            weight = _read_into(where.path, where.offset, torch.empty(weight.shape, dtype=weight.dtype))
         bad = _rounding_mismatch(value, weight)
         if bad is not None:
             count, worst, at_master, at_module = bad
@@ -594,9 +581,7 @@ class MasterWeights(ClosingReader):
 
     def close(self) -> None:
         """Let go of the optimizer files' maps and the module reader's (the index stays)."""
-        with self._lock:
-            self._flats.clear()
-            self._bases.clear()
+        self._optim_maps.clear()
         self.module.close()
 
     def __repr__(self) -> str:
@@ -651,6 +636,17 @@ def _check_version(version: object, file: Path, notes: list[str]) -> None:
                 "master's rounding is still checked")
         if note not in notes:
             notes.append(note)
+
+
+def _placed(file: Path, flats: list[torch.Tensor], state: object) -> tuple[list[torch.Tensor], int | None]:
+    """A file's flat parts and where its map starts, if every part is confirmed to be bytes of the
+    file (all the file's tensors vote on the start, :func:`~mapper.formats.file_ranges.place`)."""
+    placement = place(file, _tensors_in(state))
+    offsets = {offset for offset, _ in placement.records} if placement is not None else set()
+    placed = placement is not None and all(
+        flat.numel() == 0 or flat.untyped_storage().data_ptr() - placement.base in offsets for flat in flats
+    )
+    return flats, placement.base if placed and placement is not None else None
 
 
 def _read_into(path: Path, offset: int, out: torch.Tensor) -> torch.Tensor:

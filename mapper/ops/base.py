@@ -24,7 +24,6 @@ from mapper.errors import ConversionError
 from mapper.expressions import evaluate
 from mapper.tensors import TensorMeta
 
-Dim = int
 Stage = Literal["ranks", "merge", "model"]  # when a rule runs: per TP rank, merging ranks, whole model
 SizeExpr = int | str  # an integer or an expression over parameters, e.g. "num_kv_heads // tp * head_dim"
 

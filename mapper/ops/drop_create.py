@@ -16,7 +16,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from mapper.ops.base import NeedsResidual, Op, OpContext, SizeExpr
-from mapper.tensors import TensorMeta, dtype_from_name
+from mapper.dtypes import dtype_from_name
+from mapper.tensors import TensorMeta
 
 
 class Restore(BaseModel):

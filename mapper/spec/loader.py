@@ -59,7 +59,7 @@ def load_rule_text(text: str, *, name: str = "<text>", base: Path | None = None)
 def parse_document(text: str, where: str) -> tuple[Any, dict[Path_, Position]]:
     """YAML/JSON text -> plain data plus (line, column) of every node, keyed by its path.
 
-    Parsed within :mod:`mapper.safe_yaml`'s limits (nesting, alias expansion, size)."""
+    Parsed within :mod:`mapper.safe_yaml`'s limits (nesting, alias expansion, size, no key twice)."""
     loader: Any = None
     try:
         loader = limited_loader(text, where=where, error=RuleFileError)  # already reads: may refuse a character
@@ -122,11 +122,6 @@ def _construct_collection(loader: yaml.SafeLoader, node: yaml.Node, path: Path_,
             raise RuleFileError(
                 "mapping keys must be plain scalars", where=_at(where, key_node.start_mark),
                 hint="write keys as plain words (field names, op names); quote a key containing '{' or '['",
-            )
-        if key in result:
-            raise RuleFileError(
-                f"key {key!r} appears twice in the same mapping", where=_at(where, key_node.start_mark),
-                hint="YAML would silently keep the last one; remove the duplicate",
             )
         positions[path + ("<key>", key)] = (key_node.start_mark.line + 1, key_node.start_mark.column + 1)
         result[key] = _construct(loader, value_node, path + (key,), positions, where)

@@ -44,11 +44,10 @@ from pydantic import (
 
 from mapper.errors import RuleFileError
 from mapper.expressions import parse
-from mapper.ops import ALL_OPS, OPS_BY_NAME, Op
+from mapper.ops import ALL_OPS, Op
 from mapper.ops.base import Stage
 from mapper.spec.parameters import parameters_sentence
 
-SCHEMA_VERSION = 1
 _SEMVER = r"^\d+\.\d+\.\d+(?:[-+][0-9A-Za-z.-]+)?$"
 _NAME = r"^[a-z0-9][a-z0-9._-]*$"
 MAX_PLACEHOLDER_RANGE = 65_536  # values of one integer placeholder (layers, TP ranks)
@@ -385,7 +384,3 @@ class RuleSet(BaseModel):
     def to_data(self) -> dict[str, Any]:
         """Plain data (as a rule file would hold it): dump to YAML or JSON and load back equal."""
         return self.model_dump(mode="json", by_alias=True, exclude_defaults=True)
-
-
-def op_names() -> list[str]:
-    return list(OPS_BY_NAME)

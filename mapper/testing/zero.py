@@ -162,7 +162,7 @@ def write_zero_run(
     config = tiny_config(variant_name, tp=tp, precision=precision, **config_overrides)
     weights = synthesize_neox(config, naming=spec.naming, seed=seed, extra_state=spec.extra_state,
                               rotary_inv_freq=rotary_inv_freq)
-    low = torch.bfloat16 if precision == "bfloat16" else torch.float16
+    low = config.dtype
     masters = {k: t for k, t in weights.items() if _is_parameter(k, t)}
     module = {k: t.to(low) if t.is_floating_point() else t for k, t in weights.items()}
     write_neox_checkpoint(module, config, root, layout=layout)

@@ -12,6 +12,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from mapper.keyorder import natural_key
+
 
 def search_dirs(checkpoint_dir: Path, config_files: Iterable[Path] = ()) -> list[Path]:
     """The folders a tokenizer file may sit in, nearest first, each once.
@@ -25,7 +27,8 @@ def search_dirs(checkpoint_dir: Path, config_files: Iterable[Path] = ()) -> list
     for base in (root, root.parent):
         found += [base, base / "configs"]
     if root.is_dir():
-        for step in sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("global_step")):
+        steps = (p for p in root.iterdir() if p.is_dir() and p.name.startswith("global_step"))
+        for step in sorted(steps, key=lambda p: natural_key(p.name)):
             found += [step, step / "configs"]
     found += [Path(f).parent for f in config_files]
     unique: list[Path] = []

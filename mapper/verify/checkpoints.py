@@ -18,10 +18,12 @@ import yaml
 
 from mapper.checkpoints import prepare, recorded_rules
 from mapper.configs import NeoXModelConfig
+from mapper.dtypes import dtype_from_name
 from mapper.errors import CheckpointError, MapperError
+from mapper.input_files import read_text
 from mapper.record import existing, read_record
+from mapper.safe_yaml import load_yaml
 from mapper.spec import RuleSet
-from mapper.tensors import dtype_from_name
 from mapper.verify.compare import checked_input_ids, default_input_ids
 from mapper.verify.dump import ReferenceDump, config_sha256
 from mapper.verify.report import VerifyReport
@@ -185,7 +187,7 @@ def _neox_model(reference: ReferenceDump, hf: Path) -> tuple[NeoXModelConfig | N
         return model, "gpt-neox's settings recorded in the dump"
     saved = existing(hf, "neox_config")
     if saved is not None:
-        raw = yaml.safe_load(saved.read_text(encoding="utf-8")) or {}
+        raw = _saved_yaml(saved)
         try:
             return NeoXModelConfig.from_neox_yaml(raw, tp=int(reference.metadata.get("tp", 1)),
                                                   padded_vocab_size=int(reference.get("logits").shape[-1])), saved.name
@@ -194,12 +196,21 @@ def _neox_model(reference: ReferenceDump, hf: Path) -> tuple[NeoXModelConfig | N
     return None, ""
 
 
+def _saved_yaml(saved: Path) -> Any:
+    """The NeoX config an HF folder carries, read as any YAML from outside (:mod:`mapper.safe_yaml`)."""
+    text = read_text(saved, what="the NeoX config the conversion recorded", error=MapperError)
+    try:
+        return load_yaml(text, where=str(saved)) or {}
+    except yaml.YAMLError as error:
+        raise MapperError(f"not valid YAML: {error}", where=saved, hint="convert the model again to rewrite it") from None
+
+
 def _hash_note(reference: ReferenceDump, hf: Path) -> list[str]:
     saved = existing(hf, "neox_config")
     dumped = reference.metadata.get("config_sha256")
     if not dumped or saved is None:
         return []
-    ours = config_sha256(yaml.safe_load(saved.read_text(encoding="utf-8")) or {})
+    ours = config_sha256(_saved_yaml(saved))
     if ours == dumped:
         return [f"the dump was made from the same NeoX config as the conversion (sha256 {ours[:12]})"]
     return [f"the dump's NeoX config (sha256 {dumped[:12]}) is not the one the conversion recorded in "

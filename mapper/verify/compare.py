@@ -22,7 +22,6 @@ from torch import nn
 
 from mapper.configs import NeoXModelConfig
 from mapper.errors import MapperError
-from mapper.verify.blame import keys_for_point  # noqa: F401 - re-exported
 from mapper.verify.hf_side import first_tensor as _first_tensor
 from mapper.verify.hf_side import hf_parts
 from mapper.verify.report import Continuation, PointComparison, VerifyReport
@@ -48,10 +47,6 @@ class Activations:
     blocks: tuple[Tensor, ...]  # each block's output
     final_norm: Tensor  # [b, s, hidden]
     logits: Tensor  # [b, s, vocab of the HF model]
-
-
-def point_names(acts: ActivationPoints) -> list[str]:
-    return ["embeddings", *(f"blocks.{i}" for i in range(len(acts.blocks))), "final_norm", "logits"]
 
 
 def iter_points(acts: ActivationPoints) -> Iterator[tuple[str, Tensor]]:

@@ -17,7 +17,7 @@ import torch
 
 from mapper.engine import execute
 from mapper.formats import open_checkpoint
-from mapper.formats.naming import natural_sorted
+from mapper.keyorder import natural_sorted
 from mapper.ops import bitwise_equal
 from mapper.tensors import Manifest, Source, TensorMeta
 

@@ -26,7 +26,7 @@ from mapper.configs import NeoXModelConfig
 from mapper.errors import CheckpointError, MapperError
 from mapper.formats.output import AtomicFile
 from mapper.formats.safetensors_io import map_tensor, read_header, write_safetensors
-from mapper.tensors import dtype_from_name
+from mapper.dtypes import dtype_from_name
 
 FORMAT = "mapper-neox-reference/1"
 SCRIPT = "neox_reference_dump.py"

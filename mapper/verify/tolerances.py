@@ -47,7 +47,6 @@ import torch
 from mapper.errors import MapperError
 
 ROUNDING = 8
-UNIT_ROUNDOFF = {torch.float64: 2.0**-53, torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
 _COARSENESS = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 
 
@@ -75,7 +74,8 @@ def coarsest(*dtypes: torch.dtype | None) -> torch.dtype:
 
 
 def unit_roundoff(dtype: torch.dtype) -> float:
-    return UNIT_ROUNDOFF.get(dtype, UNIT_ROUNDOFF[torch.float32])
+    """Half the spacing of ``dtype``'s numbers at 1 (2**-24 for float32, 2**-8 for bfloat16)."""
+    return torch.finfo(dtype if dtype in _COARSENESS else torch.float32).eps / 2
 
 
 def end_to_end(tolerances: Tolerances, num_layers: int) -> Tolerances:

@@ -3,9 +3,9 @@
 A tensor handed out by the NeoX reader is a view of its file's memory map; its bytes are a
 range of the file, which the HF writer copies with ``copy_file_range`` (or ``sendfile``, or
 plain reads where neither works) instead of through Python. Checked: the range found is exactly
-the tensor's bytes; only the very tensor handed out has one (a view, a copy, a cast never); the
-copy is the same bytes whichever way the kernel allows; a conversion writes the same files
-either way.
+the tensor's bytes, and a contiguous piece of it is found at its own bytes, while a copy, a cast
+or a transpose never is; the entry goes with the tensor; the copy is the same bytes whichever way
+the kernel allows; a conversion writes the same files either way.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ from mapper.checkpoints import convert_checkpoint
 from mapper.errors import ConversionError
 from mapper.formats import NeoXCheckpoint
 from mapper.formats.neox import SMALL
-from mapper.formats.file_ranges import FileRanges, mapping_base, storage_records, verified_base
+from mapper.formats import file_ranges
+from mapper.formats.file_ranges import Placement, mapped_range, mapping_base, storage_records, verified_base
 from mapper.formats.output import AtomicFile
 from mapper.testing import synthesize_variant, write_neox_checkpoint
 
@@ -75,12 +76,12 @@ def test_every_mapped_tensor_is_found_at_its_bytes_in_the_file(
     saved: tuple[Path, dict[str, torch.Tensor]], mapped: Mapped
 ) -> None:
     path, state = saved
-    loaded, records, base = mapped.tensors, mapped.records, mapped.base
-    ranges = FileRanges()
+    loaded = mapped.tensors
+    placement = Placement(path, mapped.base, mapped.records)
     raw = path.read_bytes()
     for key, tensor in loaded.items():
-        ranges.add(tensor, path, base, records)
-        found = ranges.find(tensor)
+        placement.register(tensor)
+        found = mapped_range(tensor)
         if tensor.nbytes == 0:
             assert found is None
             continue
@@ -88,22 +89,29 @@ def test_every_mapped_tensor_is_found_at_its_bytes_in_the_file(
         assert raw[found.offset : found.offset + found.nbytes] == _raw(state[key]), key
 
 
-def test_only_the_tensor_handed_out_has_a_range(mapped: Mapped) -> None:
-    ranges = FileRanges()
+def test_pieces_of_a_registered_tensor_are_found_at_their_bytes_and_nothing_made_from_it_is(mapped: Mapped) -> None:
     a = mapped.tensors["a"]
-    ranges.add(a, mapped.path, mapped.base, mapped.records)
-    assert ranges.find(a) is not None
-    for other in (a.t(), a[1:], a.clone(), a.float(), a.view(-1), torch.zeros_like(a)):
-        assert ranges.find(other) is None
-    ranges.add(a.t(), mapped.path, mapped.base, mapped.records)  # not contiguous: never a plain byte range
-    assert len(ranges._by_id) == 1
+    Placement(mapped.path, mapped.base, mapped.records).register(a)
+    whole = mapped_range(a)
+    assert whole is not None
+    for piece, skip in ((a[1:], a[0].nbytes), (a.view(-1)[64:128], 64 * a.element_size()), (a.view(-1), 0)):
+        found = mapped_range(piece)
+        assert found is not None and (found.offset, found.nbytes) == (whole.offset + skip, piece.nbytes)
+    for other in (a.t(), a[:, 1:], a.clone(), a.float(), torch.zeros_like(a)):
+        assert mapped_range(other) is None
+    registered = len(file_ranges._maps)
+    Placement(mapped.path, mapped.base, mapped.records).register(a.t())  # not contiguous: never a plain byte range
+    assert len(file_ranges._maps) == registered
 
 
 def test_a_range_is_forgotten_with_its_tensor(mapped: Mapped) -> None:
-    ranges = FileRanges()
-    ranges.add(mapped.tensors.pop("a"), mapped.path, mapped.base, mapped.records)
+    registered = len(file_ranges._maps)
+    a = mapped.tensors.pop("a")
+    Placement(mapped.path, mapped.base, mapped.records).register(a)
+    assert len(file_ranges._maps) == registered + 1
+    del a
     gc.collect()
-    assert ranges._by_id == {}
+    assert len(file_ranges._maps) == registered
 
 
 def test_storages_made_elsewhere_do_not_fool_the_base(mapped: Mapped) -> None:
@@ -137,14 +145,14 @@ def test_the_reader_hands_out_ranges_for_big_mapped_tensors_only(tmp_path: Path,
     with source:
         for key in source.manifest():
             tensor = source.get(key)
-            found = source.file_range(tensor)
+            found = mapped_range(tensor)
             if found is None:
                 continue
             assert found.path == source.file_of(key)
             with open(found.path, "rb") as f:
                 f.seek(found.offset)
                 assert f.read(found.nbytes) == _raw(tensors[key]), key
-        handed = [source.file_range(source.get(key)) for key in big]
+        handed = [mapped_range(source.get(key)) for key in big]
     assert all(handed)  # every large tensor of a layer or mp_rank file can be copied in the kernel
 
 
@@ -227,7 +235,7 @@ def test_a_conversion_writes_the_same_files_with_and_without_kernel_copies(
     convert_checkpoint(neox, tmp_path / "kernel", max_shard_size=1 << 20)
     written = sum(p.stat().st_size for p in (tmp_path / "kernel").glob("*.safetensors"))
     assert sum(copied) > written / 2  # QKV, fc1, both vocabulary matrices: dim-0 shards
-    monkeypatch.setattr(NeoXCheckpoint, "file_range", lambda self, tensor: None)
+    monkeypatch.setattr("mapper.formats.streaming.mapped_range", lambda tensor: None)
     convert_checkpoint(neox, tmp_path / "python", max_shard_size=1 << 20)
     kernel, python = _files(tmp_path / "kernel"), _files(tmp_path / "python")
     assert len([n for n in kernel if n.endswith(".safetensors")]) > 2
@@ -257,3 +265,19 @@ def test_hf_to_neox_copies_dim_0_shards_of_hf_weights_file_to_file(
     back = NeoXCheckpoint(tmp_path / "kernel")
     assert all(torch.equal(back.get(k).view(-1).view(torch.uint8), t.contiguous().view(-1).view(torch.uint8))
                for k, t in tensors.items() if t.numel())
+
+
+def test_a_tensor_of_an_hf_pytorch_model_bin_is_a_range_of_its_file(tmp_path: Path) -> None:
+    """The HF reader keeps its .bin files as the NeoX reader keeps its .pt files, and registers
+    what it hands out the same way: a writer copies those bytes file to file too."""
+    from mapper.formats import HFCheckpoint
+
+    weight = torch.randn(64, 32, generator=torch.Generator().manual_seed(1))
+    torch.save({"w": weight, "b": torch.ones(3)}, tmp_path / "pytorch_model.bin")
+    with HFCheckpoint(tmp_path) as source:
+        handed = source.get("w")
+        found = mapped_range(handed[16:])
+        assert found is not None and found.path == tmp_path / "pytorch_model.bin"
+        with open(found.path, "rb") as f:
+            f.seek(found.offset)
+            assert f.read(found.nbytes) == _raw(weight[16:])

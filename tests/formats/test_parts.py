@@ -11,7 +11,8 @@ import torch
 
 from mapper.errors import ConversionError
 from mapper.formats import HFCheckpoint, HFWriter, NeoXCheckpoint, NeoXWriter
-from mapper.formats.writing import StagedWriter, part_range
+from mapper.engine.execute import part_groups
+from mapper.formats.writing import StagedWriter
 from mapper.tensors import TensorMeta
 
 TENSORS = {f"gpt_neox.layers.{i}.w": torch.full((64,), float(i), dtype=torch.bfloat16) for i in range(10)}
@@ -22,7 +23,7 @@ def run_part(writer: StagedWriter, tensors: Mapping[str, torch.Tensor]) -> list[
     manifest = {key: TensorMeta.of(t) for key, t in tensors.items()}
     with writer:
         groups = writer.groups(manifest)
-        mine = part_range(len(groups), writer.parts)
+        mine = part_groups(len(groups), writer.parts)
         for i in mine:
             writer.write_group(i, {key: tensors[key] for key in groups[i]})
     return [groups[i] for i in mine]
@@ -39,16 +40,8 @@ def files(folder: Path) -> dict[str, bytes]:
 def test_parts_are_contiguous_and_cover_every_file_once() -> None:
     for count in (0, 1, 5, 10, 11):
         for total in (1, 3, 4, 12):
-            ranges = [part_range(count, (i, total)) for i in range(1, total + 1)]
+            ranges = [part_groups(count, (i, total)) for i in range(1, total + 1)]
             assert [i for r in ranges for i in r] == list(range(count))
-
-
-def test_writer_and_engine_split_groups_the_same_way() -> None:
-    execute = pytest.importorskip("mapper.engine.execute")
-    for count in (0, 1, 5, 10, 11):
-        for total in (1, 3, 4, 12):
-            for i in range(1, total + 1):
-                assert part_range(count, (i, total)) == execute.part_groups(count, (i, total))
 
 
 def test_a_part_refuses_groups_of_other_parts(tmp_path: Path) -> None:
@@ -79,6 +72,16 @@ def test_finalize_names_the_parts_still_missing(tmp_path: Path) -> None:
     run_part(hf(tmp_path / "out", (2, 3)), TENSORS)
     HFWriter.finalize_parts(tmp_path / "out")
     assert (tmp_path / "out" / "model.safetensors.index.json").is_file()
+
+
+@pytest.mark.parametrize("dtype", [torch.uint16, torch.uint32, torch.uint64, torch.float8_e4m3fn, torch.bool])
+def test_every_dtype_safetensors_stores_survives_the_recorded_plan(tmp_path: Path, dtype: torch.dtype) -> None:
+    """finalize reads the plan back from JSON, dtype names included (mapper.dtypes)."""
+    tensors = {"a": torch.zeros(4, dtype=dtype), "b": torch.ones(4, dtype=dtype)}
+    for i in (1, 2):
+        run_part(HFWriter(tmp_path / "out", config=None, max_shard_size=1, parts=(i, 2)), tensors)
+    with HFCheckpoint(HFWriter.finalize_parts(tmp_path / "out")) as written:
+        assert {key: meta.dtype for key, meta in written.manifest().items()} == {"a": dtype, "b": dtype}
 
 
 def test_a_part_planned_differently_is_refused(tmp_path: Path) -> None:

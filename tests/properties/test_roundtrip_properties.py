@@ -11,7 +11,6 @@ blocks of a few elements, so a block boundary falls anywhere.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, replace
 from unittest.mock import patch
 

@@ -20,7 +20,7 @@ from _reliability import assert_nothing_left, assert_refusal, leftovers, run_cli
 import mapper.formats.output
 from mapper.errors import ConversionError
 from mapper.formats.output import StagingFolder
-from mapper.formats.writing import plan_digest
+from mapper.formats.parts import plan_digest
 from mapper.interrupts import Interrupted, critical, handling_signals
 
 

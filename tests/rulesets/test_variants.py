@@ -19,7 +19,6 @@ from _conversions import assert_converts_computes_the_same_and_round_trips, same
 from mapper.checkpoints import convert_checkpoint, detect_checkpoint
 from mapper.formats import HFCheckpoint, NeoXCheckpoint
 from mapper.hf_models import load_model
-from mapper.ops import bitwise_equal
 from mapper.testing import SHIPPED_RULE_SET, synthesize_variant, write_neox_checkpoint
 from mapper.verify import neox_forward
 

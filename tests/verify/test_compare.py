@@ -19,7 +19,8 @@ from mapper.verify import (
     repetition_score,
     verify_conversion,
 )
-from mapper.verify.compare import compare_tensors, keys_for_point, logit_statistics
+from mapper.verify.blame import keys_for_point
+from mapper.verify.compare import compare_tensors, logit_statistics
 
 RULE_SETS = SHIPPED_RULE_SET
 

@@ -169,3 +169,15 @@ def test_cli_reference_report_and_script(tmp_path: Path, capsys) -> None:
     assert code == 0 and out == reference_script() and "mapper verify --reference" in err
     ids = json.loads((tmp_path / "ids.json").read_text())
     assert len(ids) == 2 and len(ids[0]) == 16 and max(max(r) for r in ids) < 104
+
+
+def test_the_neox_config_an_hf_folder_carries_is_read_within_the_yaml_limits(tmp_path: Path) -> None:
+    """It comes from outside, so it is read like every YAML input (mapper.safe_yaml): a key
+    written twice is refused, naming the file, instead of silently taking the last value."""
+    _, hf, config, tensors = converted(tmp_path, "te-full", 2)
+    dump = dump_of(tmp_path, tensors, config, hf)
+    carried = hf / "mapper" / "neox-config.yaml"
+    carried.write_text(carried.read_text() + "num-layers: 99\n")
+    with pytest.raises(mapper.MapperError, match="appears twice") as caught:
+        verify_against_reference(dump, hf)
+    assert str(carried) in str(caught.value)
