@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from mapper.expressions import parse
 from mapper.spec import builtin_rule_files, load_rule_file
+from mapper.spec.loader import rule_file_header
 from mapper.spec.models import RuleSet
 
 # Parameters that switch parts of a rule set on or off (the rest are sizes).
@@ -16,10 +17,17 @@ SWITCH_PARAMETERS = ("te_norm", "te_mha", "te_layernorm_mlp", "te_columnparallel
 
 
 def builtin_rule_sets(source: str | None = None, target: str | None = None, *, presets: bool = True) -> list[RuleSet]:
-    """The shipped rule sets, optionally only those converting from ``source`` / to ``target``."""
-    found = [load_rule_file(path) for path in builtin_rule_files().values()]
-    return [r for r in found if (source is None or r.source == source) and (target is None or r.target == target)
-            and (presets or r.kind != "preset")]
+    """The shipped rule sets, optionally only those converting from ``source`` / to ``target``.
+
+    Each file's own header decides whether it is wanted; only those are assembled with their
+    includes (detection runs on every conversion, and assembling all of them cost it ~0.2 s)."""
+    def fits(r: RuleSet, *, header: bool) -> bool:  # a header may inherit source/target: None is "maybe"
+        def same(have: str | None, want: str | None) -> bool:
+            return want is None or have == want or (header and have is None)
+        return same(r.source, source) and same(r.target, target) and (presets or r.kind != "preset")
+
+    wanted = [path for path in builtin_rule_files().values() if fits(rule_file_header(path), header=True)]
+    return [r for r in map(load_rule_file, wanted) if fits(r, header=False)]
 
 
 def switches_followed(ruleset: RuleSet) -> list[str]:

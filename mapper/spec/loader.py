@@ -47,6 +47,14 @@ def load_rule_file(path: str | Path, *, confined: bool = False) -> RuleSet:
     return flat
 
 
+def rule_file_header(path: Path) -> RuleSet:
+    """One file validated with its includes left unresolved: its own ``name``, ``kind``,
+    ``source`` and ``target`` at the cost of parsing that file alone (a catalog filters on these
+    before assembling the rule sets it needs)."""
+    stat = _stat_rule_file(path, ())
+    return _validated_file(path, stat.st_mtime_ns, stat.st_size)[0]
+
+
 def load_rule_text(text: str, *, name: str = "<text>", base: Path | None = None) -> RuleSet:
     """Load rules from a string (tests, tools); includes resolve relative to ``base``."""
     data, positions = parse_document(text, name)
