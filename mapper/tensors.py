@@ -119,6 +119,27 @@ class DictSink:
         self.tensors.update(tensors)
 
 
+def bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same dtype, shape and bits (NaN payloads and the sign of zero included).
+
+    Compared through the widest integer view the bytes allow: ``torch.equal`` on int64 runs ~6
+    times faster than on uint8 (the masters' rounding check compares gigabytes)."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    if a.numel() == 0:
+        return True
+    raw_a, raw_b = _raw_bytes(a), _raw_bytes(b)
+    for wide in (torch.int64, torch.int32, torch.int16):  # the widest view both allow
+        size = wide.itemsize
+        if raw_a.numel() % size == 0 and raw_a.storage_offset() % size == 0 == raw_b.storage_offset() % size:
+            return torch.equal(raw_a.view(wide), raw_b.view(wide))
+    return torch.equal(raw_a, raw_b)
+
+
+def _raw_bytes(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().contiguous().reshape(-1).view(torch.uint8)
+
+
 CHUNK_BYTES = 16 << 20  # the reused buffer of a streamed concatenation or strided view
 
 
@@ -150,6 +171,24 @@ class LazyConcat:
 
     def materialize(self) -> torch.Tensor:
         return torch.cat(self.parts, dim=self.dim)
+
+    def split(self, sizes: list[int]) -> list[LazyConcat]:
+        """Cut along :attr:`dim` into pieces of ``sizes`` (positive, adding up to the length),
+        each again unmade: views of the parts it overlaps, nothing copied. Re-sharding merges
+        the ranks and shards them again; a shard of the merge is then a slice of one old rank."""
+        pieces: list[LazyConcat] = []
+        start = 0
+        for size in sizes:
+            stop, offset, views = start + size, 0, []
+            for part in self.parts:
+                length = part.shape[self.dim]
+                low, high = max(start, offset), min(stop, offset + length)
+                if low < high:
+                    views.append(part.narrow(self.dim, low - offset, high - low))
+                offset += length
+            pieces.append(LazyConcat(views, self.dim))
+            start = stop
+        return pieces
 
     def chunks(self, buffer_bytes: int = CHUNK_BYTES) -> Iterator[torch.Tensor]:
         """Contiguous tensors whose bytes, in order, are the concatenation's bytes.

@@ -244,11 +244,6 @@ class NeoXModelConfig(BaseModel):
         return self.activation in GATED_ACTIVATIONS
 
     @property
-    def is_llama_architecture(self) -> bool:
-        """RMSNorm + SwiGLU: what HF `LlamaForCausalLM` computes."""
-        return self.is_rmsnorm and self.activation == "swiglu"
-
-    @property
     def attention_kinds(self) -> list[str]:
         """The attention types of ``attention_config`` (``[[["flash"], 2]]`` -> ``["flash"]``), as
         NeoX's ``expand_attention_types`` reads them; ``["global"]`` without one."""
@@ -432,9 +427,3 @@ class NeoXModelConfig(BaseModel):
         from mapper.configs.hf import hf_config
 
         return hf_config(self, arch, shapes=shapes, strict=strict)
-
-    def check_hf_representable(self, arch: str, *, strict: bool = False) -> None:
-        """Raise one MapperError listing every setting HF ``arch`` cannot represent."""
-        from mapper.configs.hf import check_representable
-
-        check_representable(self, arch, strict=strict)

@@ -54,12 +54,6 @@ def settings(model: type[BaseModel]) -> Iterator[tuple[str, NeoX]]:
                 break
 
 
-def setting_for_key(model: type[BaseModel], key: str) -> tuple[str, NeoX] | None:
-    """The field a NeoX key (either spelling) sets, if any."""
-    key = key.replace("-", "_")
-    return next(((n, m) for n, m in settings(model) if key == m.key or key in m.also), None)
-
-
 def nested_get(data: Mapping[str, Any], dotted: str) -> Any:
     """``data["a"]["b"]`` for ``"a.b"``; None when any level is missing."""
     node: Any = data

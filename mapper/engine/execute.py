@@ -14,8 +14,10 @@ they got (a stale sidecar must never silently override an edited model).
 A node that only concatenates (``Op.concat_dim``, the tensor-parallel merge of most weights) is
 not run when the sink streams values (``writes_lazy``, both writers): the engine keeps its
 inputs as a :class:`~mapper.tensors.LazyConcat`, which pass-through ops (``rename``) forward and
-the writer writes part by part, straight from the source's memory or file. Any other consumer
-gets the real tensor. The ops themselves never see this.
+the writer writes part by part, straight from the source's memory or file. A node that only
+splits it again along the same dim (``Op.split_dim``: re-sharding merges the ranks, then shards
+them anew) gets unmade pieces, views of the parts (:meth:`~mapper.tensors.LazyConcat.split`). Any
+other consumer gets the real tensor. The ops themselves never see this.
 
 While it runs, torch computes on one thread (restored afterwards): converting is bound by the
 disk and memory, the writers' threads already keep the cores busy, and torch's intra-op workers
@@ -213,10 +215,27 @@ def _run(
     op = node.op
     if op.passes_through and any(isinstance(t, LazyConcat) for t in inputs):
         return op.apply(inputs, _context(node, plan, average_replicas))  # type: ignore[arg-type]
+    if defer_concat and len(inputs) == 1 and isinstance(inputs[0], LazyConcat) and op.split_dim is not None:
+        pieces = _split_unmade(node, inputs[0], plan, average_replicas)
+        if pieces is not None:
+            return pieces  # type: ignore[return-value]
     tensors = [materialize(t) for t in inputs]
     if defer_concat and op.concat_dim is not None and node.reads_residual is None and tensors:
         return [LazyConcat(tensors, op.concat_dim)]
     return _compute(node, tensors, plan, sidecar, report, average_replicas)  # type: ignore[return-value]
+
+
+def _split_unmade(node: Node, whole: LazyConcat, plan: Plan, average_replicas: bool) -> list[LazyConcat] | None:
+    """A split of an unmade concatenation along its own dim, as unmade pieces (None when it is
+    not that: another dim, or an empty piece)."""
+    op = node.op
+    dim = op.split_dim
+    assert dim is not None
+    if dim % len(whole.shape) != whole.dim:
+        return None
+    metas = op.infer([TensorMeta(tuple(whole.shape), whole.dtype)], _context(node, plan, average_replicas))
+    sizes = [meta.shape[whole.dim] for meta in metas]
+    return whole.split(sizes) if all(sizes) else None
 
 
 def _context(node: Node, plan: Plan, average_replicas: bool) -> OpContext:

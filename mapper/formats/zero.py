@@ -65,7 +65,7 @@ from mapper.formats.mapped_files import MappedFiles
 from mapper.formats.naming import SEQUENTIAL_KEY, mp_rank_file_name, neox_key
 from mapper.keyorder import natural_key
 from mapper.formats.neox import PIPELINE, NeoXCheckpoint, resolve_tag_folder
-from mapper.tensors import ClosingReader, TensorMeta
+from mapper.tensors import ClosingReader, TensorMeta, bitwise_equal
 
 OPTIM_FILE = re.compile(r"^(?P<prefix>bf16_|fp16_)?zero_pp_rank_(?P<dp>\d+)_mp_rank_(?P<mp>\d+)_optim_states\.pt$")
 ZERO3_MODEL_FILE = re.compile(r"^(bf16_|fp16_)?zero_pp_rank_\d+_mp_rank_\d+_model_states\.pt$")
@@ -714,7 +714,7 @@ def _rounding_mismatch(master: torch.Tensor, weight: torch.Tensor) -> tuple[int,
     if weight.shape != master.shape or not weight.dtype.is_floating_point:
         return master.numel(), math.inf, math.nan, math.nan
     rounded = master.to(weight.dtype)
-    if torch.equal(rounded.reshape(-1).view(torch.uint8), weight.reshape(-1).view(torch.uint8)):
+    if bitwise_equal(rounded, weight):
         return None  # the common case, bit for bit
     same = (rounded == weight) | (rounded.isnan() & weight.isnan())
     if bool(same.all()):

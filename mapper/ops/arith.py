@@ -26,6 +26,8 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
+from mapper.tensors import bitwise_equal
+
 BLOCK = 1 << 18  # elements per block: ~0.5-2 MB, stays in cache between computing and checking
 
 
@@ -72,14 +74,6 @@ def pairs(x: torch.Tensor, out: torch.Tensor) -> Iterator[tuple[torch.Tensor, to
         yield x[start : start + rows], out[start : start + rows]
 
 
-def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Equal bits (NaN payloads and the sign of zero included), for tensors of one shape and dtype."""
-    if a.numel() == 0:
-        return True
-    as_int = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
-    return torch.equal(a.view(as_int), b.view(as_int))
-
-
 def affine(
     x: torch.Tensor, scale: float, offset: float, *, invert: bool = False, check: bool = False
 ) -> tuple[torch.Tensor, bool]:
@@ -109,7 +103,7 @@ def affine(
             _forward(w, scale, offset, not invert)
             r = back[: source.numel()].view(source.shape)
             r.copy_(w)
-            exact = same_bits(r, source)
+            exact = bitwise_equal(r, source)
     return out, exact
 
 
@@ -135,7 +129,7 @@ def _power_of_two_exact(x: torch.Tensor, y: torch.Tensor, factor: float, scratch
     assert scratch is not None
     back = scratch[: x.numel()].view(x.shape)
     torch.mul(y, 1 / factor, out=back)
-    return same_bits(back, x)
+    return bitwise_equal(back, x)
 
 
 def tree_sum(tensors: Sequence[torch.Tensor]) -> torch.Tensor:

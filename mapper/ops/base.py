@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from mapper.errors import ConversionError
 from mapper.expressions import evaluate
-from mapper.tensors import TensorMeta
+from mapper.tensors import TensorMeta, bitwise_equal  # noqa: F401 -- re-exported: how ops check inverses
 
 Stage = Literal["ranks", "merge", "model"]  # when a rule runs: per TP rank, merging ranks, whole model
 SizeExpr = int | str  # an integer or an expression over parameters, e.g. "num_kv_heads // tp * head_dim"
@@ -138,6 +138,13 @@ class Op(BaseModel):
         streams the parts (:class:`mapper.tensors.LazyConcat`)."""
         return None
 
+    @property
+    def split_dim(self) -> int | None:
+        """The dimension along which :meth:`apply` cuts its one input into its outputs, when that
+        is all it does (None otherwise): the engine may then cut an unmade concatenation into
+        unmade pieces (:meth:`mapper.tensors.LazyConcat.split`) instead of making it first."""
+        return None
+
     def apply_with_residual(
         self, inputs: list[torch.Tensor], residual: list[torch.Tensor], ctx: OpContext
     ) -> list[torch.Tensor]:
@@ -201,19 +208,6 @@ def require_same(metas: list[TensorMeta], what: str) -> TensorMeta:
         if meta != first:
             raise ShapeError(f"{what}: inputs differ ({first} vs {meta})")
     return first
-
-
-def bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Same dtype, shape and bytes (NaNs with the same payload count as equal)."""
-    if a.dtype != b.dtype or a.shape != b.shape:
-        return False
-    if a.numel() == 0:
-        return True
-    return torch.equal(_bytes(a), _bytes(b))
-
-
-def _bytes(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().contiguous().reshape(-1).view(torch.uint8)
 
 
 def all_bitwise_equal(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> bool:

@@ -193,6 +193,10 @@ class Split(_Parts):
     def _count(self, ctx: OpContext) -> int:
         return ctx.ranges[self.over] if self.over is not None else len(self.to)
 
+    @property
+    def split_dim(self) -> int | None:
+        return self.dim if self.mode == "concat" else None
+
     def infer(self, inputs: list[TensorMeta], ctx: OpContext) -> list[TensorMeta]:
         (meta,) = inputs
         count = self._count(ctx)

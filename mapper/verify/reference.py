@@ -42,7 +42,6 @@ does ``x, gate = chunk(2); act(gate) * x`` per shard; TE does ``act(first) * sec
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
@@ -90,23 +89,16 @@ class LayerTensors:
     """The tensors of one pipeline layer, across TP ranks, cast to the compute dtype.
 
     ``tensors`` may be lazy (a reader-backed mapping): a layer reads only its own keys, each once
-    (``cache``, shared by :meth:`in_dtype` views), so verification holds one layer at a time.
+    (``cache``), so verification holds one layer at a time.
     ``weights_dtype`` rounds every weight through the precision the HF model was cast to
     (``convert --dtype``), so that both sides compute with the very same weights.
     """
 
     def __init__(self, tensors: Mapping[str, Tensor], layer: int, config: NeoXModelConfig, dtype: torch.dtype,
-                 *, device: torch.device | str | None = None, weights_dtype: torch.dtype | None = None,
-                 cache: dict[str, Tensor] | None = None):
+                 *, device: torch.device | str | None = None, weights_dtype: torch.dtype | None = None):
         self.tensors, self.layer, self.tp, self.dtype = tensors, layer, config.tp, dtype
         self.device, self.weights_dtype = device, weights_dtype
-        self.cache: dict[str, Tensor] = {} if cache is None else cache
-
-    def in_dtype(self, dtype: torch.dtype) -> LayerTensors:
-        """The same layer (same reads) computed in another precision."""
-        view = copy.copy(self)
-        view.dtype = dtype
-        return view
+        self.cache: dict[str, Tensor] = {}
 
     def key(self, name: str, rank: int = 0) -> str:
         return neox_key(self.layer, name, rank)

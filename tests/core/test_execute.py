@@ -200,6 +200,35 @@ def test_a_streaming_sink_gets_concatenations_unmade_and_others_get_tensors(rule
     assert torch.equal(plain["layers.0.weight"], weight.materialize())
 
 
+def test_a_split_of_a_merge_gets_views_of_the_parts_when_re_sharding():
+    """TP 2 -> 4: the merge is never made; each new shard views half of one old rank."""
+    text = RULES.replace('  - drop:', '  - split: {from: "layers.{i}.w", to: "layers.{i}.w@new{n}", over: n}\n  - drop:')
+    text = text.replace("placeholders: {i: num_layers, r: tp}", "placeholders: {i: num_layers, r: tp, n: new_tp}")
+    text = text.replace("tp: {default: 2}}", "tp: {default: 2}, new_tp: {default: 4}}")
+    source = FreshSource(1)
+    state = {k: source.get(k) for k in source.manifest()}
+    sink = StreamingSink()
+    mapper.convert(load_rule_text(text), state, {"num_layers": 1}, sink=sink)
+    merged = torch.cat([state["layer_02.w@rank0"], state["layer_02.w@rank1"]])
+    for n, expected in enumerate(merged.chunk(4)):
+        shard = sink.tensors[f"layers.0.w@new{n}"]
+        assert isinstance(shard, LazyConcat) and len(shard.parts) == 1
+        assert shard.parts[0].untyped_storage().data_ptr() == state[f"layer_02.w@rank{n // 2}"].untyped_storage().data_ptr()
+        assert torch.equal(shard.materialize(), expected)
+
+
+@pytest.mark.parametrize("dim", [0, 1])
+@pytest.mark.parametrize("sizes", [[48], [5, 43], [16, 16, 16], [20, 4, 24], [1] * 48])
+def test_cutting_an_unmade_concatenation_gives_what_splitting_the_made_one_gives(dim, sizes):
+    gen = torch.Generator().manual_seed(dim)
+    parts = [torch.randn(10 if dim else n, n if dim else 10, generator=gen) for n in (12, 30, 6)]
+    lazy = LazyConcat(parts, dim)
+    made = torch.cat(parts, dim)
+    for piece, expected in zip(lazy.split(sizes), torch.split(made, sizes, dim), strict=True):
+        assert piece.shape == expected.shape and torch.equal(piece.materialize(), expected)
+        assert torch.equal(torch.cat([c.clone() for c in piece.chunks(64)]).view(-1), expected.contiguous().view(-1))
+
+
 def test_an_op_after_a_concatenation_gets_the_real_tensor():
     text = RULES.replace('  - drop:', '  - transpose: {from: "layers.{i}.w", to: "layers.{i}.wt"}\n  - drop:')
     source = FreshSource(1)

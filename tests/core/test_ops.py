@@ -205,6 +205,18 @@ def test_bitwise_equality_is_about_bytes():
     assert bitwise_equal(torch.empty(0), torch.empty(0))
 
 
+@pytest.mark.parametrize("offset", range(8))
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.bfloat16, torch.float32, torch.float64])
+def test_bitwise_equality_holds_for_views_at_any_offset(offset, dtype):
+    """Compared through wide integer views: a view at an odd offset must still meet its copy."""
+    base = torch.arange(40).to(dtype)
+    view = base[offset : offset + 16]
+    assert bitwise_equal(view, view.clone()) and bitwise_equal(view.clone(), view)
+    changed = view.clone()
+    changed[-1] = 99
+    assert not bitwise_equal(view, changed)
+
+
 def test_slice_is_exact_only_when_every_cut_entry_is_the_fill_and_keeps_a_copy_otherwise():
     s = op(Slice, **{"from": "emb", "keep": 2, "total": 4, "fill": 0.0})
     x = torch.cat([torch.randn(2, 3), torch.zeros(2, 3)])
