@@ -274,9 +274,7 @@ def convert(
     shard_size, part_of = _size(max_shard_size), _part(part)  # refused before any file is read
     ready = prepare(src, rules=rules, config_files=config or [], tp=tp, trim_vocab=trim_vocab, parameters=_params(param),
                     settings=_settings(set_), strict=strict, force_rules=force_rules, dtype=_dtype(dtype),
-                    tokenizer=tokenizer, to=to, layout=layout, weights=weights,
-                    background_checks=True,  # convert_checkpoint waits for them before committing
-                    read_ahead=part_of is None or part_of[0] == 1)
+                    tokenizer=tokenizer, to=to, layout=layout, weights=weights, background_checks=True)  # convert_checkpoint waits for them before committing
     _notes(ready.notes, as_json=as_json, warnings=ready.warnings)
     if not as_json and not STATE.quiet:
         direction = {"neox-to-hf": "NeoX -> HF", "hf-to-neox": "HF -> NeoX",

@@ -32,7 +32,6 @@ from mapper.errors import MapperError
 from mapper.formats import HFCheckpoint, NeoXCheckpoint, open_checkpoint
 from mapper.formats.hf_writer import plan_shards
 from mapper.formats.neox_writer import plan_layer_files
-from mapper.formats.readahead import read_ahead_files
 from mapper.formats.writing import WRITER_THREADS
 from mapper.hf_models import expected_tensors, transformers_available
 from mapper.spec import RuleSet
@@ -127,7 +126,7 @@ class Prepared:
         }
 
 
-def prepare(src: str | Path, *, background_checks: bool = False, read_ahead: bool = False, **given: Any) -> Prepared:
+def prepare(src: str | Path, *, background_checks: bool = False, **given: Any) -> Prepared:
     """Open ``src``, decide everything, and compile the plan (metadata only).
 
     Keywords are the fields of :class:`~mapper.checkpoints.options.ConversionOptions` (``rules``,
@@ -139,15 +138,9 @@ def prepare(src: str | Path, *, background_checks: bool = False, read_ahead: boo
     That check imports transformers (1-3 s, more than all the rest); with ``background_checks``
     it runs in a thread while the caller goes on, and :func:`convert_checkpoint` waits for it
     before committing the output (a failed check leaves nothing behind).
-
-    ``read_ahead`` starts reading the first weight files into the page cache while the plan is
-    worked out (:func:`~mapper.formats.readahead.read_ahead_files`): for a conversion that streams
-    them next, not for a dry run.
     """
     opts = make_options(**given)
     source = open_checkpoint(src)
-    if read_ahead and opts.weights != "master":  # master weights are read from the optimizer files
-        read_ahead_files(source.data_files())
     if isinstance(source, NeoXCheckpoint):
         ready = _from_neox(source, opts)
     else:

@@ -66,8 +66,7 @@ def convert_checkpoint(
     if prepared is not None and given:
         raise MapperError(f"convert_checkpoint: {', '.join(sorted(given))} given with prepared=",
                           hint="a prepared conversion already holds its options: pass them to prepare()")
-    first_part = part is None or part[0] == 1  # another part starts reading further in
-    ready = prepared or prepare(src, background_checks=True, read_ahead=first_part, **options)
+    ready = prepared or prepare(src, background_checks=True, **options)
 
     def group_done(index: int, nbytes: int) -> None:
         ready.raise_if_check_failed()

@@ -62,10 +62,6 @@ class HFCheckpoint(ClosingReader):
         self._check_index(mapped, self._file_of, found.index)
         self.files = sorted(set(self._file_of.values()), key=lambda p: natural_key(p.name))
 
-    def data_files(self) -> list[Path]:
-        """The weight files, in the order a conversion reads them."""
-        return list(self.files)
-
     def _check_index(
         self, mapped: dict[str, Path] | None, found: dict[str, Path], index: Path | None
     ) -> None:

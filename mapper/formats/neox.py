@@ -193,12 +193,6 @@ class NeoXCheckpoint(ClosingReader):
         self.layer_files, self.mp_rank_files = self._scan()
         self.layout, self.tp = self._structure()
 
-    def data_files(self) -> list[Path]:
-        """The files holding the weights, in the order a conversion reads them (layer by layer)."""
-        if self.layout == PIPELINE:
-            return [file for _, file in sorted(self.layer_files.items())]
-        return [file for _, file in sorted(self.mp_rank_files.items())]
-
     # -- structure ---------------------------------------------------------------------------
     def _scan(self) -> tuple[dict[tuple[int, int], Path], dict[int, Path]]:
         layer_files: dict[tuple[int, int], Path] = {}

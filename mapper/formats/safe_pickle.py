@@ -46,11 +46,16 @@ other people, so this module is the only place mapper reads a pickle, and its po
    - a zip record stored compressed is refused (``torch.save`` never compresses, and the
      memory map would read the compressed bytes as values; a deflated ``data.pkl`` can inflate a
      1 MB file to a 1 GB pickle), as is a ``data.pkl`` larger than :data:`MAX_PICKLE_BYTES`;
-   - before the memory-mapped load, the file is loaded once onto the ``meta`` device (the
-     pickle only, no tensor data, nothing allocated): every tensor must be a dense tensor whose
-     storage is a record of the file, and no storage may claim more bytes than its record holds
-     (``torch.load`` refuses that file; the memory map would read past the record). A tensor the
-     pickle builds itself (``torch.FloatTensor(2**31)``, a meta or sparse tensor) is refused too.
+   - the file is loaded onto the ``meta`` device first (the pickle only, no tensor data,
+     nothing allocated): every tensor must be a dense tensor whose storage is a record of the
+     file, and no storage may claim more bytes than its record holds (``torch.load`` refuses that
+     file; the memory map would read past the record). A tensor the pickle builds itself
+     (``torch.FloatTensor(2**31)``, a meta or sparse tensor) is refused too. The checked tensors
+     then become views of the file mapped into memory, each at the record offset torch reports,
+     exactly as ``torch.load(mmap=True)`` makes them (:func:`with_mapped_data`): the pickle is
+     unpickled once, which halves the time to open a checkpoint of many files. Where torch
+     does not report offsets, or the file was saved in the other byte order, it is loaded again
+     with ``mmap=True``.
 
 torch keeps its allow-list process-wide, so loads through this module are serialized by a lock,
 and only entries not already allow-listed are added for the duration of one load and then
@@ -64,6 +69,7 @@ import pickle
 import pickletools
 import re
 import struct
+import sys
 import threading
 import zipfile
 from collections.abc import Callable, Iterator, Mapping
@@ -192,16 +198,19 @@ def _refuse_allocating_globals(path: Path, found: set[str]) -> None:
         )
 
 
-def check_storages(path: Path, records: Mapping[int, int]) -> None:
-    """Load ``path``'s pickle onto the meta device (no data read, nothing allocated) and refuse
-    tensors that are not dense views of the file's records, or that claim more than their record
-    holds (see the module docstring)."""
+def load_skeleton(path: Path, records: Mapping[int, int]) -> tuple[Any, dict[int, int]]:
+    """Load ``path``'s pickle onto the meta device (no data read, nothing allocated), refuse
+    tensors that are not dense views of the file's records or that claim more than their record
+    holds (see the module docstring); the loaded object, and the file offset of each of its
+    tensors' storage by ``id`` of the tensor (torch tells it on the storage object it made while
+    loading, which a later ``untyped_storage()`` call may not return again)."""
     try:
         skeleton = torch.load(path, map_location="meta", weights_only=True)
     except pickle.UnpicklingError:
-        return  # refused with the real load's clearer message
+        raise  # the caller says what the restricted unpickler refused
     except Exception as exc:  # noqa: BLE001 -- torch's own (and the unpickler's) error types vary
         raise _corrupt(path, f"{type(exc).__name__}: {exc}") from None
+    offsets: dict[int, int] = {}
     for key, value in _walk(skeleton, None):
         if not isinstance(value, torch.Tensor):
             continue
@@ -216,6 +225,8 @@ def check_storages(path: Path, records: Mapping[int, int]) -> None:
                 hint="save the model's weights after loading them (a meta tensor is only a shape), "
                 "with torch.save of plain tensors",
             )
+        if offset is not None:
+            offsets[id(value)] = offset
         if offset is not None and storage.nbytes() > records.get(offset, -1):
             held = records.get(offset)
             raise _corrupt(
@@ -224,6 +235,67 @@ def check_storages(path: Path, records: Mapping[int, int]) -> None:
                 + (f"its record holds {held}" if held is not None else "no record lies where it would start")
                 + (f" (tensor {key!r})" if key is not None else ""),
             )
+    return skeleton, offsets
+
+
+def with_mapped_data(path: Path, skeleton: Any, offsets: Mapping[int, int]) -> Any | None:
+    """``skeleton`` (from :func:`load_skeleton`) with every tensor a view of ``path`` mapped into
+    memory, as ``torch.load(mmap=True)`` makes them, without unpickling a second time; None where
+    that cannot be done the same way (a torch that does not tell record offsets, a file saved on
+    a machine of the other byte order, a tensor type or container it does not rebuild): load
+    again then."""
+    if not _META_OFFSETS or _byte_order(path) not in (None, sys.byteorder):
+        return None
+    whole = torch.UntypedStorage.from_file(str(path), False, path.stat().st_size)  # MAP_PRIVATE, like torch
+    storages: dict[int, torch.UntypedStorage] = {}
+    made: set[int] = set()  # ids of the meta tensors replaced (all stay alive in ``tensors`` below)
+    results: set[int] = set()  # ids of the tensors made (a container held twice is visited twice)
+
+    def mapped(meta: torch.Tensor) -> torch.Tensor:
+        if id(meta) in results:
+            return meta
+        offset = offsets[id(meta)]
+        if offset not in storages:
+            storages[offset] = whole[offset : offset + meta.untyped_storage().nbytes()]
+        tensor = torch.empty(0, dtype=meta.dtype).set_(storages[offset], meta.storage_offset(), meta.size(), meta.stride())
+        made.add(id(meta))
+        if type(meta) is torch.nn.Parameter:
+            tensor = torch.nn.Parameter(tensor, requires_grad=meta.requires_grad)
+        results.add(id(tensor))
+        return tensor
+
+    tensors = [v for _, v in _walk(skeleton, None) if isinstance(v, torch.Tensor)]
+    if any(type(t) not in (torch.Tensor, torch.nn.Parameter) or id(t) not in offsets for t in tensors):
+        return None
+    rebuilt = _replace_tensors(skeleton, mapped)
+    return rebuilt if made == {id(t) for t in tensors} else None
+
+
+def _byte_order(path: Path) -> str | None:
+    """The ``byteorder`` record torch.save writes (None before torch 2.1 wrote it: little)."""
+    with zipfile.ZipFile(path) as archive:
+        names = [n for n in archive.namelist() if n == "byteorder" or n.endswith("/byteorder")]
+        return archive.read(names[0]).decode("ascii", "replace").strip() if names else None
+
+
+def _replace_tensors(obj: Any, make: Callable[[torch.Tensor], torch.Tensor], depth: int = 0) -> Any:
+    """``obj`` with each tensor replaced by ``make(tensor)``, through the containers :func:`_walk`
+    visits (changed in place: they come fresh from the unpickler)."""
+    if isinstance(obj, torch.Tensor):
+        return make(obj)
+    if depth > 64:
+        return obj
+    if isinstance(obj, dict):
+        for key, value in obj.items():
+            obj[key] = _replace_tensors(value, make, depth + 1)
+    elif isinstance(obj, list):
+        obj[:] = [_replace_tensors(value, make, depth + 1) for value in obj]
+    elif type(obj) is tuple:
+        return tuple(_replace_tensors(value, make, depth + 1) for value in obj)
+    elif isinstance(obj, Inert):
+        obj.__dict__["args"] = _replace_tensors(obj.args, make, depth + 1)
+        obj.__dict__["state"] = _replace_tensors(obj.state, make, depth + 1)
+    return obj
 
 
 def _check_dense(tensor: torch.Tensor, where: str | Path) -> None:
@@ -385,7 +457,9 @@ def load(path: str | Path, *, training_state: bool = False) -> Any:
         try:
             with torch.serialization.safe_globals(added):
                 if zipped:
-                    check_storages(path, records)
+                    mapped = with_mapped_data(path, *load_skeleton(path, records))
+                    if mapped is not None:
+                        return mapped
                     return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
                 return torch.load(io.BytesIO(legacy), map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as exc:

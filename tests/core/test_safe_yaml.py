@@ -36,3 +36,25 @@ def test_merge_keys_and_one_anchor_used_twice_are_not_duplicates(tmp_path: Path)
                     "merged:\n  <<: *base\n  hidden-size: 128\n")
     loaded = load_neox_yaml(path)
     assert loaded["merged"] == {"hidden-size": 128} and loaded["second"] == {"hidden-size": 64}
+
+
+def test_shipped_rule_files_read_the_same_with_libyaml_as_within_the_limits() -> None:
+    """mapper's own rule files are parsed by libyaml (fast); the data and every position must be
+    what the limited loader gives, or errors would point elsewhere."""
+    from mapper.resources import rules_dir
+
+    files = sorted(rules_dir().rglob("*.yaml"))
+    assert len(files) > 20
+    for path in files:
+        text = path.read_text()
+        assert parse_document(text, str(path), shipped=True) == parse_document(text, str(path)), path
+
+
+def test_text_from_elsewhere_never_reaches_libyaml(tmp_path: Path) -> None:
+    """A rule file outside the shipped rules goes through the depth-limited loader."""
+    from mapper.spec import load_rule_file
+
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("rules: " + "[" * 5000 + "]" * 5000 + "\n")
+    with pytest.raises(RuleFileError, match="nests deeper than"):
+        load_rule_file(deep)

@@ -43,13 +43,3 @@ def test_anything_else_is_an_error_listing_what_was_looked_for(tmp_path: Path) -
         open_checkpoint(tmp_path / "notes.txt")
     with pytest.raises(CheckpointError, match="no such"):
         open_checkpoint(tmp_path / "missing")
-
-
-def test_data_files_are_listed_in_the_order_a_conversion_reads_them(tmp_path: Path, ck: ModuleType) -> None:
-    pipeline = open_checkpoint(ck.save_neox_root(tmp_path / "pipeline", ck.neox_state(2)))
-    names = [file.name for file in pipeline.data_files()]
-    assert names == sorted(names) and len(names) == len(pipeline.layer_files)  # layer by layer, rank by rank
-    sequential = open_checkpoint(ck.save_neox_root(tmp_path / "seq", ck.neox_state(2), layout="sequential"))
-    assert [f.name for f in sequential.data_files()] == ["mp_rank_00_model_states.pt", "mp_rank_01_model_states.pt"]
-    hf = open_checkpoint(ck.save_hf(tmp_path / "hf", {"w": torch.ones(1)}))
-    assert hf.data_files() == hf.files

@@ -14,6 +14,7 @@ import torch
 from mapper.errors import CheckpointError, UnsafeCheckpointError
 from mapper.formats import HFCheckpoint, NeoXCheckpoint, safe_pickle
 from mapper.formats.naming import layer_file_name, mp_rank_file_name
+from mapper.tensors import bitwise_equal
 
 
 @pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
@@ -196,3 +197,52 @@ def test_a_corrupt_file_is_a_checkpoint_error(tmp_path: Path) -> None:
     path.write_bytes(path.read_bytes()[:200])
     with pytest.raises(CheckpointError):
         safe_pickle.load(path)
+
+
+def _same_as_torch(ours: object, theirs: object) -> None:
+    """Structure, types, values and storage sharing as torch.load(mmap=True) gives them."""
+    assert type(ours) is type(theirs)
+    if isinstance(theirs, torch.Tensor):
+        assert (ours.dtype, ours.shape, ours.stride(), ours.storage_offset()) == (
+            theirs.dtype, theirs.shape, theirs.stride(), theirs.storage_offset())
+        assert ours.requires_grad == theirs.requires_grad
+        assert bitwise_equal(ours, theirs)
+    elif isinstance(theirs, dict):
+        assert list(ours) == list(theirs)
+        for key in theirs:
+            _same_as_torch(ours[key], theirs[key])
+    elif isinstance(theirs, (list, tuple)):
+        assert len(ours) == len(theirs)
+        for a, b in zip(ours, theirs):
+            _same_as_torch(a, b)
+    else:
+        assert ours == theirs
+
+
+def test_one_unpickling_gives_what_torch_load_with_mmap_gives(tmp_path: Path) -> None:
+    from collections import OrderedDict
+
+    base = torch.arange(24, dtype=torch.bfloat16).view(4, 6)
+    shared = [torch.ones(3), torch.zeros(0)]
+    state = {
+        "module": OrderedDict(w=base, row=base[1], col=base[:, 2], t=base.T, p=torch.nn.Parameter(torch.ones(2, 2))),
+        "nested": {"tuple": (torch.full((2,), 7, dtype=torch.int64), 3, "text"), "list": shared, "again": shared},
+        "flat": torch.tensor(5.0), "none": None,
+    }
+    path = tmp_path / "state.pt"
+    torch.save(state, path)
+    skeleton = safe_pickle.load_skeleton(path, safe_pickle.check_zip_records(path))
+    assert safe_pickle.with_mapped_data(path, *skeleton) is not None  # not the fallback
+    ours = safe_pickle.load(path)
+    _same_as_torch(ours, torch.load(path, weights_only=True, mmap=True))
+    module = ours["module"]
+    assert module["row"].untyped_storage().data_ptr() == module["w"].untyped_storage().data_ptr()  # views stay views
+    assert ours["nested"]["list"] is ours["nested"]["again"]  # one list held twice stays one list
+
+
+def test_without_record_offsets_the_file_is_loaded_again_the_same(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "state.pt"
+    torch.save({"w": torch.arange(6.0).view(2, 3)}, path)
+    monkeypatch.setattr(safe_pickle, "_META_OFFSETS", False)
+    assert safe_pickle.with_mapped_data(path, {}, {}) is None
+    assert torch.equal(safe_pickle.load(path)["w"], torch.arange(6.0).view(2, 3))
