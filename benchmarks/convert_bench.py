@@ -541,8 +541,11 @@ def main() -> None:
     created = args.workdir is None
     work = Path(tempfile.mkdtemp(prefix="mapper-bench-")) if created else args.workdir.resolve()
     work.mkdir(parents=True, exist_ok=True)
-    # te-full at the larger depth: ~(12 h^2 L + 4 V h) bytes; source, copy, output, HF kept for the way back
-    need = 5 * (12 * args.hidden**2 * depths[-1] + 4 * 50432 * args.hidden) * 1.1
+    # te-full at the larger depth: ~(12 h^2 L + 4 V h) bytes; source, copy, output, HF kept for the way back.
+    # masters: the run holds 7x that (bf16 weights, fp32 masters, two fp32 moments), and its baseline
+    # source, its copy and the output are fp32 (2x each).
+    checkpoint = 12 * args.hidden**2 * depths[-1] + 4 * 50432 * args.hidden
+    need = (5 + (13 if "masters" in args.cases else 0)) * checkpoint * 1.1
     if shutil.disk_usage(work).free < need:
         raise SystemExit(f"{work} has {shutil.disk_usage(work).free / GB:.1f} GB free; about {need / GB:.1f} GB needed")
     env = {"MAPPER_CACHE_DIR": str(work / "key-cache"), **dict(item.split("=", 1) for item in args.child_env)}

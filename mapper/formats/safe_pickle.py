@@ -267,8 +267,15 @@ def with_mapped_data(path: Path, skeleton: Any, offsets: Mapping[int, int]) -> A
     tensors = [v for _, v in _walk(skeleton, None) if isinstance(v, torch.Tensor)]
     if any(type(t) not in (torch.Tensor, torch.nn.Parameter) or id(t) not in offsets for t in tensors):
         return None
-    rebuilt = _replace_tensors(skeleton, mapped)
+    try:
+        rebuilt = _replace_tensors(skeleton, mapped)
+    except _TooDeep:
+        return None
     return rebuilt if made == {id(t) for t in tensors} else None
+
+
+class _TooDeep(Exception):
+    """A container nested deeper than :func:`_walk` looks (its tensors were not checked)."""
 
 
 def _byte_order(path: Path) -> str | None:
@@ -283,8 +290,8 @@ def _replace_tensors(obj: Any, make: Callable[[torch.Tensor], torch.Tensor], dep
     visits (changed in place: they come fresh from the unpickler)."""
     if isinstance(obj, torch.Tensor):
         return make(obj)
-    if depth > 64:
-        return obj
+    if depth > 64 and isinstance(obj, (dict, list, tuple, Inert)):
+        raise _TooDeep
     if isinstance(obj, dict):
         for key, value in obj.items():
             obj[key] = _replace_tensors(value, make, depth + 1)

@@ -549,10 +549,7 @@ class MasterWeights(ClosingReader):
         """The module weight must be the master rounded to its dtype (DeepSpeed copies the
         updated masters into the module weights after every step)."""
         weight = self.module.get(key)
-        where = mapped_range(weight)
-        if where is not None:  # read its bytes rather than touch the layer file's map
-            weight = _read_into(where.path, where.offset, torch.empty(weight.shape, dtype=weight.dtype))
-        bad = _rounding_mismatch(value, weight)
+        bad = _rounding_mismatch(value, weight) if weight.shape != value.shape else _blockwise_mismatch(value, weight)
         if bad is not None:
             count, worst, at_master, at_module = bad
             files = sorted({p.file.name for p in master.pieces})
@@ -706,6 +703,33 @@ def _shape(shape: object, name: str, file: Path) -> tuple[int, ...]:
         raise CheckpointError(f"{PARAM_SHAPES} gives {name!r} the shape {shape!r}", where=file,
                               hint="the model-state file is damaged; copy it again")
     return dims
+
+
+ROUNDING_BLOCK = 1 << 22  # elements compared at a time: two blocks in memory, never a copy of the tensor
+
+
+def _blockwise_mismatch(master: torch.Tensor, weight: torch.Tensor) -> tuple[int, float, float, float] | None:
+    """:func:`_rounding_mismatch` of two tensors of one shape, a block at a time. A module weight
+    that is a registered range of its file is read block by block into one buffer rather than
+    touched through the layer file's map (whose pages would stay resident)."""
+    where = mapped_range(weight)
+    flat_master, flat_weight = master.reshape(-1), weight.reshape(-1)
+    count = master.numel()
+    buffer = torch.empty(min(ROUNDING_BLOCK, count), dtype=weight.dtype) if where is not None else None
+    found: tuple[int, float, float, float] | None = None
+    for start in range(0, count, ROUNDING_BLOCK):
+        stop = min(count, start + ROUNDING_BLOCK)
+        if where is not None and buffer is not None:
+            block = _read_into(where.path, where.offset + start * weight.element_size(), buffer[: stop - start])
+        else:
+            block = flat_weight[start:stop]
+        bad = _rounding_mismatch(flat_master[start:stop], block)
+        if bad is not None and found is None:
+            found = bad
+        elif bad is not None and found is not None:  # elements off add up; the worst one is kept
+            worst = bad if bad[1] > found[1] else found
+            found = (found[0] + bad[0], worst[1], worst[2], worst[3])
+    return found
 
 
 def _rounding_mismatch(master: torch.Tensor, weight: torch.Tensor) -> tuple[int, float, float, float] | None:

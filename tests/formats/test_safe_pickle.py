@@ -246,3 +246,17 @@ def test_without_record_offsets_the_file_is_loaded_again_the_same(tmp_path: Path
     monkeypatch.setattr(safe_pickle, "_META_OFFSETS", False)
     assert safe_pickle.with_mapped_data(path, {}, {}) is None
     assert torch.equal(safe_pickle.load(path)["w"], torch.arange(6.0).view(2, 3))
+
+
+def test_a_structure_nested_deeper_than_the_checks_look_is_loaded_by_torch(tmp_path: Path) -> None:
+    nested: object = {"w": torch.ones(2)}
+    for _ in range(80):
+        nested = {"inner": nested}
+    path = tmp_path / "deep.pt"
+    torch.save(nested, path)
+    skeleton = safe_pickle.load_skeleton(path, safe_pickle.check_zip_records(path))
+    assert safe_pickle.with_mapped_data(path, *skeleton) is None  # not rebuilt: loaded again by torch
+    loaded = safe_pickle.load(path)
+    for _ in range(80):
+        loaded = loaded["inner"]
+    assert loaded["w"].device.type == "cpu" and torch.equal(loaded["w"], torch.ones(2))

@@ -19,6 +19,7 @@ import mapper
 from mapper.errors import CheckpointError
 from mapper.formats import NeoXCheckpoint
 from mapper.formats import zero as zero_format
+from mapper.formats.file_ranges import FileRange
 from mapper.formats.zero import MasterWeights, has_optimizer_shards, open_master_weights, optim_file_name
 from mapper.testing import SHIPPED_RULE_SET
 from mapper.tensors import TensorMeta
@@ -332,6 +333,25 @@ def test_the_rounding_check_allows_one_step_of_the_module_dtype_not_more() -> No
     found = zero_format._rounding_mismatch(master, two_steps)
     assert found is not None and found[0] == 1 and found[2] == master[7].item()
     assert zero_format._rounding_mismatch(master, nearest.float()) is not None  # fp32 weights: exact only
+
+
+def test_the_rounding_check_runs_block_by_block_and_counts_across_blocks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Large tensors are compared a block at a time (the module weight read from its file into one
+    buffer); what is off is counted over all blocks, and the worst element named."""
+    monkeypatch.setattr(zero_format, "ROUNDING_BLOCK", 100)
+    generator = torch.Generator().manual_seed(0)
+    master = torch.randn(64, 16, generator=generator)
+    nearest = master.to(torch.bfloat16)
+    path = tmp_path / "weight.bin"
+    path.write_bytes(b"x" * 10 + nearest.view(torch.uint8).numpy().tobytes())
+    monkeypatch.setattr(zero_format, "mapped_range", lambda t: FileRange(path, 10, t.nbytes))
+    assert zero_format._blockwise_mismatch(master, nearest) is None
+    off = nearest.clone()
+    off.view(-1).view(torch.int16)[[3, 150, 999]] += torch.tensor([2, 5, 3], dtype=torch.int16)  # three blocks
+    path.write_bytes(b"x" * 10 + off.view(torch.uint8).numpy().tobytes())
+    found = zero_format._blockwise_mismatch(master, nearest)
+    assert found is not None and found[0] == 3
+    assert found == zero_format._rounding_mismatch(master, off)  # the same answer as all at once
 
 
 def test_an_unknown_optimizer_file_name_is_refused(runs: dict[str, ZeroRun], tmp_path: Path) -> None:
