@@ -86,6 +86,10 @@ ConfigOpt = Annotated[Optional[list[Path]], typer.Option("--config", "-c", metav
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
 ParamOpt = Annotated[Optional[list[str]], typer.Option("--param", "-p", metavar="NAME=INT", help="Set a rule-set parameter (repeatable; overrides the config).")]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", metavar="KEY=VALUE", help="Override a NeoX config setting (repeatable), e.g. te_mha=true, rms-norm-epsilon=1e-6, gqa_layout=pre-1315.")]
+ToOpt = Annotated[Optional[str], typer.Option("--to", metavar="hf|neox", help="Output format: hf or neox. Default: the other one (neox -> neox re-shards a NeoX checkpoint, with --tp and --layout).")]
+TpOpt = Annotated[Optional[int], typer.Option("--tp", metavar="N", help="TP degree of a NeoX output. Default: the original, else 1.", min=1)]
+LayoutOpt = Annotated[Optional[str], typer.Option("--layout", metavar="pipeline|sequential", help="Layout of a NeoX output: pipeline (one file per layer and rank) or sequential (one file per rank). Default: the source's, else pipeline.")]
+WeightsOpt = Annotated[str, typer.Option("--weights", metavar="module|master", help="NeoX source weights: module (the model states) or master (the fp32 master copies in the ZeRO optimizer shards of a bf16/fp16 run).")]
 ShardSizeOpt = Annotated[str, typer.Option("--max-shard-size", metavar="SIZE", help="Largest HF shard, in transformers' units: 5GB (10^9 bytes), 2GiB (2^30), 500MB, 100KiB, or a number of bytes; a lower-case b means bits (5Gb = 625 MB).")]
 
 
@@ -251,10 +255,10 @@ def convert(
     out_dir: Annotated[Path, typer.Argument(metavar="OUT", help="Output folder (appears complete or not at all).")],
     rules: RulesOpt = None,
     config: ConfigOpt = None,
-    to: Annotated[Optional[str], typer.Option("--to", metavar="hf|neox", help="Output format: hf or neox. Default: the other one (neox -> neox re-shards a NeoX checkpoint, with --tp and --layout).")] = None,
-    tp: Annotated[Optional[int], typer.Option("--tp", metavar="N", help="TP degree of a NeoX output. Default: the original, else 1.", min=1)] = None,
-    layout: Annotated[Optional[str], typer.Option("--layout", metavar="pipeline|sequential", help="Layout of a NeoX output: pipeline (one file per layer and rank) or sequential (one file per rank). Default: the source's, else pipeline.")] = None,
-    weights: Annotated[str, typer.Option("--weights", metavar="module|master", help="NeoX source weights: module (the model states) or master (the fp32 master copies in the ZeRO optimizer shards of a bf16/fp16 run).")] = "module",
+    to: ToOpt = None,
+    tp: TpOpt = None,
+    layout: LayoutOpt = None,
+    weights: WeightsOpt = "module",
     dtype: Annotated[Optional[str], typer.Option("--dtype", metavar="DTYPE", help="Cast floating tensors (float32, bfloat16, float16); overflow is an error.")] = None,
     trim_vocab: Annotated[Optional[int], typer.Option("--trim-vocab", metavar="N", help="Keep only the first N vocabulary rows (cut rows go to the sidecar).", min=1)] = None,
     max_shard_size: ShardSizeOpt = "5GB",
@@ -330,10 +334,10 @@ def plan(
     src: Annotated[Path, typer.Argument(metavar="SRC", help="NeoX checkpoint or HF folder.")],
     rules: RulesOpt = None,
     config: ConfigOpt = None,
-    to: Annotated[Optional[str], typer.Option("--to", metavar="hf|neox", help="Output format: hf or neox (as for convert).")] = None,
-    tp: Annotated[Optional[int], typer.Option("--tp", metavar="N", help="TP degree of a NeoX output.", min=1)] = None,
-    layout: Annotated[Optional[str], typer.Option("--layout", metavar="pipeline|sequential", help="Layout of a NeoX output: pipeline or sequential.")] = None,
-    weights: Annotated[str, typer.Option("--weights", metavar="module|master", help="NeoX source weights: module or master (ZeRO fp32 masters).")] = "module",
+    to: ToOpt = None,
+    tp: TpOpt = None,
+    layout: LayoutOpt = None,
+    weights: WeightsOpt = "module",
     dtype: Annotated[Optional[str], typer.Option("--dtype", metavar="DTYPE", help="Size the output as cast to this dtype (as convert --dtype would).")] = None,
     trim_vocab: Annotated[Optional[int], typer.Option("--trim-vocab", metavar="N", help="Plan keeping only the first N vocabulary rows of an HF output.", min=1)] = None,
     param: ParamOpt = None,

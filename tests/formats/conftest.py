@@ -277,3 +277,19 @@ class HostileOpen:
 
 def bytesio(data: bytes) -> io.BytesIO:
     return io.BytesIO(data)
+
+
+@pytest.fixture
+def kernel_copies(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The sizes of the byte ranges written file to file (``AtomicFile.copy_range``), in order."""
+    from mapper.formats.output import AtomicFile
+
+    copied: list[int] = []
+    original = AtomicFile.copy_range
+
+    def counting(self: AtomicFile, path: Path, offset: int, nbytes: int) -> int:
+        copied.append(nbytes)
+        return original(self, path, offset, nbytes)
+
+    monkeypatch.setattr(AtomicFile, "copy_range", counting)
+    return copied

@@ -210,31 +210,18 @@ def test_copy_range_refuses_a_source_shorter_than_said(tmp_path: Path, monkeypat
             f.copy_range(source, 50, 100)
 
 
-def _counting_copies(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    copied: list[int] = []
-    original = AtomicFile.copy_range
-
-    def counting(self: AtomicFile, path: Path, offset: int, nbytes: int) -> int:
-        copied.append(nbytes)
-        return original(self, path, offset, nbytes)
-
-    monkeypatch.setattr(AtomicFile, "copy_range", counting)
-    return copied
-
-
 def _files(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def test_a_conversion_writes_the_same_files_with_and_without_kernel_copies(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kernel_copies: list[int]
 ) -> None:
     config, tensors = synthesize_variant("te-full", tp=2, num_layers=2, hidden_size=256, num_heads=4, num_kv_heads=4)
     neox = write_neox_checkpoint(tensors, config, tmp_path / "neox")
-    copied = _counting_copies(monkeypatch)
     convert_checkpoint(neox, tmp_path / "kernel", max_shard_size=1 << 20)
     written = sum(p.stat().st_size for p in (tmp_path / "kernel").glob("*.safetensors"))
-    assert sum(copied) > written / 2  # QKV, fc1, both vocabulary matrices: dim-0 shards
+    assert sum(kernel_copies) > written / 2  # QKV, fc1, both vocabulary matrices: dim-0 shards
     monkeypatch.setattr("mapper.formats.streaming.mapped_range", lambda tensor: None)
     convert_checkpoint(neox, tmp_path / "python", max_shard_size=1 << 20)
     kernel, python = _files(tmp_path / "kernel"), _files(tmp_path / "python")
@@ -245,7 +232,7 @@ def test_a_conversion_writes_the_same_files_with_and_without_kernel_copies(
 
 
 def test_hf_to_neox_copies_dim_0_shards_of_hf_weights_file_to_file(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kernel_copies: list[int]
 ) -> None:
     """The HF reader maps each tensor on its own; a tensor-parallel shard along dim 0 is a range
     of the HF file, which the NeoX writer copies in the kernel into its .pt file."""
@@ -254,10 +241,10 @@ def test_hf_to_neox_copies_dim_0_shards_of_hf_weights_file_to_file(
     )
     neox = write_neox_checkpoint(tensors, config, tmp_path / "neox")
     convert_checkpoint(neox, tmp_path / "hf")
-    copied = _counting_copies(monkeypatch)
+    kernel_copies.clear()  # count the way back only
     convert_checkpoint(tmp_path / "hf", tmp_path / "kernel", tp=2)
     layer_files = sum(p.stat().st_size for p in (tmp_path / "kernel").rglob("layer_*.pt"))
-    assert sum(copied) > layer_files / 2
+    assert sum(kernel_copies) > layer_files / 2
     monkeypatch.setattr("mapper.formats.streaming.mapped_range", lambda tensor: None)
     convert_checkpoint(tmp_path / "hf", tmp_path / "python", tp=2)
     kernel, python = _files(tmp_path / "kernel"), _files(tmp_path / "python")

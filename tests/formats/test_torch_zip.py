@@ -96,23 +96,15 @@ def test_torch_load_gives_the_same_tensors_memory_mapped_or_not(tmp_path: Path) 
                                tensor.view(-1).view(torch.uint8) if tensor.numel() else tensor), key
 
 
-def test_bytes_lying_in_a_mapped_file_are_copied_in_the_kernel(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_bytes_lying_in_a_mapped_file_are_copied_in_the_kernel(tmp_path: Path, kernel_copies: list[int]) -> None:
     weight = torch.randn(16, 32).to(torch.bfloat16)
     write_safetensors(open(tmp_path / "m.safetensors", "wb"), {"w": weight}, {"format": "pt"})  # noqa: SIM115
     header = read_header(tmp_path / "m.safetensors")
     mapped = map_tensor(tmp_path / "m.safetensors", header.entries["w"])
     top, bottom = torch.split(mapped, 8, dim=0)  # tensor-parallel shards: ranges of the file
     left, _ = torch.split(mapped, 16, dim=1)  # strided: through memory
-    copied: list[int] = []
-    original = AtomicFile.copy_range
-
-    def counting(self: AtomicFile, path: Path, offset: int, nbytes: int) -> int:
-        copied.append(nbytes)
-        return original(self, path, offset, nbytes)
-
-    monkeypatch.setattr(AtomicFile, "copy_range", counting)
     path = write(tmp_path / "layer.pt", {"top": top, "bottom": bottom, "left": left})
-    assert copied == [top.nbytes, bottom.nbytes]
+    assert kernel_copies == [top.nbytes, bottom.nbytes]
     loaded = torch.load(path, weights_only=True)
     assert torch.equal(loaded["top"], weight[:8]) and torch.equal(loaded["bottom"], weight[8:])
     assert torch.equal(loaded["left"], weight[:, :16])

@@ -240,27 +240,23 @@ def test_legacy_and_new_names_of_the_same_weights_compute_the_same() -> None:
     assert neox_forward(t_legacy, legacy, IDS).logits.equal(neox_forward(t_new, legacy, IDS).logits)
 
 
-def test_gpt_j_row_parallel_bias_counts_once_per_rank() -> None:
+@pytest.mark.parametrize(
+    ("variant_name", "bias", "effect"),
+    [("neox-parallel", "attention.dense.bias", 1.0), ("neox-sequential", "mlp.linear2.bias", 0.5)],
+    ids=["gpt-j-residual: 2 ranks x 0.5", "sequential: once"],
+)
+def test_a_row_parallel_bias_counts_once_per_rank_under_gpt_j_residual_and_once_otherwise(
+    variant_name: str, bias: str, effect: float
+) -> None:
     """Under gpt-j-residual every rank adds its stored bias: doubling TP doubles a bias' effect."""
-    config, tensors = synthesize_variant("neox-parallel", tp=2)
+    config, tensors = synthesize_variant(variant_name, tp=2)
     base = neox_forward(tensors, config, IDS).blocks[0]
     bumped = dict(tensors)
     for rank in range(2):
-        key = neox_key(2, "attention.dense.bias", rank)
+        key = neox_key(2, bias, rank)
         bumped[key] = tensors[key] + 0.5
     delta = neox_forward(bumped, config, IDS).blocks[0] - base
-    assert torch.allclose(delta, torch.full_like(delta, 1.0), atol=1e-5)  # 2 ranks x 0.5
-
-
-def test_sequential_row_parallel_bias_counts_once() -> None:
-    config, tensors = synthesize_variant("neox-sequential", tp=2)
-    base = neox_forward(tensors, config, IDS).blocks[0]
-    bumped = dict(tensors)
-    for rank in range(2):
-        key = neox_key(2, "mlp.linear2.bias", rank)
-        bumped[key] = tensors[key] + 0.5
-    delta = neox_forward(bumped, config, IDS).blocks[0] - base
-    assert torch.allclose(delta, torch.full_like(delta, 0.5), atol=1e-5)
+    assert torch.allclose(delta, torch.full_like(delta, effect), atol=1e-5)
 
 
 # ---- TE LayerNormMLP: its own norm counts, the stale one does not ------------------------------
