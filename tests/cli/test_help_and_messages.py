@@ -35,10 +35,10 @@ COMMANDS = every_command()
 
 
 @pytest.mark.parametrize("words,command", COMMANDS, ids=[" ".join(w) or "mapper" for w, _ in COMMANDS])
-def test_every_option_and_argument_of_every_command_is_explained(words, command, capsys):
+def test_every_option_and_argument_of_every_command_is_explained(words, command):
     unexplained = [param.name for param in command.params if not (getattr(param, "help", None) or "").strip()]
     assert not unexplained, f"mapper {' '.join(words)}: no help for {unexplained}"
-    code, out, _ = run_cli(capsys, *words, "--help")
+    code, out, _ = run_cli([*words, "--help"])
     assert code == 0
     assert "<bool>" not in out and "<list" not in out, out  # typer's type labels, meaningless to a person
 
@@ -109,27 +109,27 @@ def hf_folder(tiny_checkpoint, tmp_path_factory) -> Path:
     return convert_checkpoint(tiny_checkpoint, tmp_path_factory.mktemp("hf") / "hf").output
 
 
-def test_an_unknown_size_is_refused_before_the_checkpoint_is_read(tiny_checkpoint, tmp_path, capsys):
-    code, out, err = run_cli(capsys, "convert", tiny_checkpoint, tmp_path / "hf", "--max-shard-size", "1B")
+def test_an_unknown_size_is_refused_before_the_checkpoint_is_read(tiny_checkpoint, tmp_path):
+    code, out, err = run_cli(["convert", tiny_checkpoint, tmp_path / "hf", "--max-shard-size", "1B"])
     assert code == 2 and "--max-shard-size '1B' is not a size" in err and "hint:" in err
     assert out == "" and not (tmp_path / "hf").exists()
 
 
 # --- a missing local folder ----------------------------------------------------------------------
-def test_verify_names_a_missing_hf_folder_and_never_the_network(tiny_checkpoint, tmp_path, capsys):
-    code, _, err = run_cli(capsys, "verify", tiny_checkpoint, tmp_path / "missing-folder")
+def test_verify_names_a_missing_hf_folder_and_never_the_network(tiny_checkpoint, tmp_path):
+    code, _, err = run_cli(["verify", tiny_checkpoint, tmp_path / "missing-folder"])
     assert code == 2 and "no such HF folder" in err and "missing-folder" in err
     assert "huggingface.co" not in err and "connect" not in err
 
 
-def test_verify_names_a_missing_checkpoint_dump_and_tokenizer(tiny_checkpoint, hf_folder, tmp_path, capsys):
-    code, _, err = run_cli(capsys, "verify", tmp_path / "no-neox", hf_folder)
+def test_verify_names_a_missing_checkpoint_dump_and_tokenizer(tiny_checkpoint, hf_folder, tmp_path):
+    code, _, err = run_cli(["verify", tmp_path / "no-neox", hf_folder])
     assert code == 2 and "no such NeoX checkpoint" in err
-    code, _, err = run_cli(capsys, "verify", "--reference", tmp_path / "dump.safetensors", tmp_path / "no-hf")
+    code, _, err = run_cli(["verify", "--reference", tmp_path / "dump.safetensors", tmp_path / "no-hf"])
     assert code == 2 and "no such HF folder" in err
-    code, _, err = run_cli(capsys, "verify", tiny_checkpoint, hf_folder, "--text", "hello", "--tokenizer", tmp_path / "no-tok")
+    code, _, err = run_cli(["verify", tiny_checkpoint, hf_folder, "--text", "hello", "--tokenizer", tmp_path / "no-tok"])
     assert code == 2 and "no such --tokenizer folder" in err and "huggingface.co" not in err
-    code, _, err = run_cli(capsys, "verify", tiny_checkpoint, hf_folder / "config.json")
+    code, _, err = run_cli(["verify", tiny_checkpoint, hf_folder / "config.json"])
     assert code == 2 and "is a file, not a folder" in err
 
 
@@ -144,13 +144,13 @@ def test_the_library_says_missing_too(tmp_path):
 
 
 # --- options that do not apply to a direction ----------------------------------------------------
-def test_tp_is_refused_for_neox_to_hf(tiny_checkpoint, tmp_path, capsys):
-    code, _, err = run_cli(capsys, "convert", tiny_checkpoint, tmp_path / "hf", "--tp", "2")
+def test_tp_is_refused_for_neox_to_hf(tiny_checkpoint, tmp_path):
+    code, _, err = run_cli(["convert", tiny_checkpoint, tmp_path / "hf", "--tp", "2"])
     assert code == 2 and "--tp does not apply to a neox -> hf conversion" in err and "hint:" in err
     assert not (tmp_path / "hf").exists()
 
 
-def test_trim_vocab_is_refused_for_hf_to_neox(hf_folder, tmp_path, capsys):
-    code, _, err = run_cli(capsys, "convert", hf_folder, tmp_path / "neox", "--trim-vocab", "100")
+def test_trim_vocab_is_refused_for_hf_to_neox(hf_folder, tmp_path):
+    code, _, err = run_cli(["convert", hf_folder, tmp_path / "neox", "--trim-vocab", "100"])
     assert code == 2 and "--trim-vocab does not apply to a hf -> neox conversion" in err and "hint:" in err
     assert not (tmp_path / "neox").exists()

@@ -11,20 +11,12 @@ from pathlib import Path
 import pytest
 
 from mapper.checkpoints import convert_checkpoint, prepare
-from mapper.cli import main
 from mapper.configs import NeoXModelConfig, load_neox_yaml
 from mapper.errors import CheckpointError, MapperError
 from mapper.testing import synthesize_variant, tiny_config, write_neox_checkpoint
+from mapper.testing.cli import run_cli
 
 BASE = {"num-layers": 2, "hidden-size": 64, "num-attention-heads": 4, "padded-vocab-size": 128}
-
-
-def cli(*args: object) -> int:
-    try:
-        main([str(a) for a in args])
-    except SystemExit as done:
-        return int(done.code or 0)
-    return 0
 
 
 @pytest.mark.parametrize(
@@ -56,13 +48,14 @@ def test_a_yaml_nan_never_reaches_config_json(tmp_path: Path) -> None:
         NeoXModelConfig.from_neox_yaml(load_neox_yaml([tmp_path / "m.yml"]))
 
 
-def test_config_layers_must_match_the_checkpoint_before_anything_else(tmp_path: Path, capsys) -> None:
+def test_config_layers_must_match_the_checkpoint_before_anything_else(tmp_path: Path) -> None:
     config, tensors = synthesize_variant("neox-sequential")
     neox = write_neox_checkpoint(tensors, config, tmp_path / "neox")
     model_yml = next((neox / "global_step100" / "configs").glob("*.yml"))
     model_yml.write_text(model_yml.read_text().replace("num-layers: 2", "num-layers: 1000000"))
-    assert cli("convert", neox, tmp_path / "out") == 2
-    assert "num-layers 1000000" in capsys.readouterr().err
+    code, _, err = run_cli(["convert", neox, tmp_path / "out"])
+    assert code == 2
+    assert "num-layers 1000000" in err
     assert not (tmp_path / "out").exists()
 
 
@@ -72,30 +65,30 @@ def test_config_layers_must_match_the_checkpoint_before_anything_else(tmp_path: 
      ({"layer_norm_eps": None}, None), ({"rope_parameters": [1, 2]}, "rope_parameters"),
      ({"vocab_size": -3}, "vocab_size")],
 )
-def test_bad_hf_config_values_are_refused(tmp_path: Path, capsys, edit: dict, says: str | None) -> None:
+def test_bad_hf_config_values_are_refused(tmp_path: Path, edit: dict, says: str | None) -> None:
     config, tensors = synthesize_variant("neox-sequential")
     hf = convert_checkpoint(write_neox_checkpoint(tensors, config, tmp_path / "neox"), tmp_path / "hf").output
     shutil.rmtree(hf / "mapper")  # a plain HF folder: config.json is all there is
     data = json.loads((hf / "config.json").read_text())
     (hf / "config.json").write_text(json.dumps({**data, **edit}))
-    code = cli("convert", hf, tmp_path / "back", "--rules", "neox-to-hf-gpt-neox")
+    code, _, err = run_cli(["convert", hf, tmp_path / "back", "--rules", "neox-to-hf-gpt-neox"])
     if says is None:  # a missing optional field takes transformers' default
         assert code == 0
         return
-    assert code == 2 and says in capsys.readouterr().err
+    assert code == 2 and says in err
     assert not (tmp_path / "back").exists()
 
 
 @pytest.mark.parametrize(("edit", "says"), [({"parameters": {"tp": "2"}}, "parameters.tp"),
                                             ({"settings": {"gqa_layout": 1}}, "settings.gqa_layout"),
                                             ({"rules": 5}, "rules")])
-def test_a_malformed_mapper_json_is_refused_naming_the_field(tmp_path: Path, capsys, edit: dict, says: str) -> None:
+def test_a_malformed_mapper_json_is_refused_naming_the_field(tmp_path: Path, edit: dict, says: str) -> None:
     config, tensors = synthesize_variant("neox-sequential")
     hf = convert_checkpoint(write_neox_checkpoint(tensors, config, tmp_path / "neox"), tmp_path / "hf").output
     record = json.loads((hf / "mapper" / "record.json").read_text())
     (hf / "mapper" / "record.json").write_text(json.dumps({**record, **edit}))
-    assert cli("convert", hf, tmp_path / "back") == 2
-    err = capsys.readouterr().err
+    code, _, err = run_cli(["convert", hf, tmp_path / "back"])
+    assert code == 2
     assert "record.json" in err and says in err
 
 

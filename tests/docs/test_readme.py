@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from mapper.cli import main
+from mapper.testing.cli import run_cli
 
 from readme_sections import embedded, generated_sections
 
@@ -15,12 +15,19 @@ ROOT = Path(__file__).resolve().parents[2]
 README = (ROOT / "README.md").read_text()
 
 
-def run_cli(*args: str) -> int:
-    try:
-        main(list(args))
-    except SystemExit as done:
-        return int(done.code or 0)
-    return 0
+def exit_code(*args: str, printed: list[str] | None = None) -> int:
+    """``mapper ARGS``' exit code; what it printed on stdout is appended to ``printed``."""
+    outcome = run_cli(args)
+    if printed is not None:
+        printed.append(outcome.stdout)
+    return outcome.code
+
+
+def read(printed: list[str]) -> str:
+    """What the commands printed since the last read."""
+    text = "".join(printed)
+    printed.clear()
+    return text
 
 
 def test_quick_start_has_exactly_the_two_setup_commands_and_ci_runs_the_test_one():
@@ -69,23 +76,25 @@ def _fork_dump(tensors: dict, config, path):
     return write_builtin_dump(tensors, config, path, ids)
 
 
-def test_the_new_key_layout_walk_through_works(tmp_path, capsys):
+def test_the_new_key_layout_walk_through_works(tmp_path):
     from mapper.testing import synthesize_variant, write_neox_checkpoint
 
+    printed: list[str] = []
     section = README.split("## Walk-through: a rule set for a new key layout", 1)[1].split("\n## ", 1)[0]
     config, fused = synthesize_variant("te-full", tp=2)
     checkpoints = write_neox_checkpoint(_unfused_qkv(fused, config), config, tmp_path / "checkpoints")
 
     # the refusal, as the README shows it (each finding once per pattern)
-    assert run_cli("convert", str(checkpoints), str(tmp_path / "no")) == 2
-    refusal = said(capsys.readouterr().err)
+    refused = run_cli(["convert", checkpoints, tmp_path / "no"])
+    assert refused.code == 2
+    refusal = said(refused.stderr)
     shown = re.search(r"```\n(.*?)```", section, re.S).group(1)
     for finding in re.split(r"\n(?=\S)", shown.strip()):
         assert said(finding) in refusal, finding
 
     # `rules new` writes one file that includes the shipped rule set; the README's file is that plus what differs
     name = "neox-unfused-qkv-to-hf-gpt-neox"
-    assert run_cli("rules", "new", name, "--from", "neox-to-hf-gpt-neox", "--out", str(tmp_path / "my-rules")) == 0
+    assert exit_code("rules", "new", name, "--from", "neox-to-hf-gpt-neox", "--out", str(tmp_path / "my-rules"), printed=printed) == 0
     assert [p.name for p in (tmp_path / "my-rules").iterdir()] == [f"{name}.yaml"]
     path = tmp_path / "my-rules" / f"{name}.yaml"
     (mine,) = re.findall(r"```yaml\n(.*?)```", section, re.S)
@@ -101,8 +110,8 @@ def test_the_new_key_layout_walk_through_works(tmp_path, capsys):
     for command in commands:
         args = [arg.replace("my-rules/", f"{tmp_path}/my-rules/").replace("checkpoints/", f"{checkpoints}/")
                 .replace("hf-model/", f"{tmp_path}/hf-model/") for arg in command[1:]]
-        assert run_cli(*args) == 0, command
-    shown_rules = said(capsys.readouterr().out)
+        assert exit_code(*args, printed=printed) == 0, command
+    shown_rules = said(read(printed))
     assert "stage ranks" in shown_rules and "overrides" in shown_rules
     assert "gpt-neox-names-attention-te#0 (" in shown_rules and "excluded at" in shown_rules
     # verified against what the fork computes: its gpt-neox would write the dump; here the built-in reference of
@@ -114,24 +123,24 @@ def test_the_new_key_layout_walk_through_works(tmp_path, capsys):
     for line in (verify_block[0], verify_block[2]):
         args = [arg.replace("reference.safetensors", str(dump)).replace("neox_reference_dump.py", str(tmp_path / "script.py"))
                 .replace("hf-model/", f"{tmp_path}/hf-model/") for arg in line.split("#")[0].split()[1:]]
-        assert run_cli(*args) == 0, line
-    assert "verdict: OK" in said(capsys.readouterr().out)
+        assert exit_code(*args, printed=printed) == 0, line
+    assert "verdict: OK" in said(read(printed))
     # the mistake the README names: converts, round-trips, and fails against the dump, blaming the fork's rule
     path.write_text(mine.replace('["query.{i}.{wb}@rank{r}", "key.{i}.{wb}@rank{r}"', '["key.{i}.{wb}@rank{r}", "query.{i}.{wb}@rank{r}"'))
-    assert run_cli("convert", str(checkpoints), str(tmp_path / "hf-wrong"), "--rules", str(path), "-q") == 0
-    assert run_cli("verify", "--reference", str(dump), str(tmp_path / "hf-wrong")) == 1
-    report = said(capsys.readouterr().out)
+    assert exit_code("convert", str(checkpoints), str(tmp_path / "hf-wrong"), "--rules", str(path), "-q", printed=printed) == 0
+    assert exit_code("verify", "--reference", str(dump), str(tmp_path / "hf-wrong"), printed=printed) == 1
+    report = said(read(printed))
     assert "first divergence at blocks.0" in report and "attention" in report and f"{path}:" in report
     path.write_text(mine)
 
     # the fork's conversion is the HF model the shipped rules make of the stock (fused) checkpoint
     stock = write_neox_checkpoint(fused, config, tmp_path / "stock")
-    assert run_cli("convert", str(stock), str(tmp_path / "hf-stock"), "-q") == 0
-    assert run_cli("diff", str(tmp_path / "hf-model"), str(tmp_path / "hf-stock")) == 0
-    assert run_cli("convert", str(tmp_path / "hf-model"), str(tmp_path / "back"), "-q") == 0
-    assert run_cli("diff", str(checkpoints), str(tmp_path / "back")) == 0
-    assert run_cli("rules", "params", str(checkpoints)) == 0
-    assert re.search(r"head_dim\s*│\s*16\s*│", capsys.readouterr().out)
+    assert exit_code("convert", str(stock), str(tmp_path / "hf-stock"), "-q", printed=printed) == 0
+    assert exit_code("diff", str(tmp_path / "hf-model"), str(tmp_path / "hf-stock"), printed=printed) == 0
+    assert exit_code("convert", str(tmp_path / "hf-model"), str(tmp_path / "back"), "-q", printed=printed) == 0
+    assert exit_code("diff", str(checkpoints), str(tmp_path / "back"), printed=printed) == 0
+    assert exit_code("rules", "params", str(checkpoints), printed=printed) == 0
+    assert re.search(r"head_dim\s*│\s*16\s*│", read(printed))
 
 
 def _commands(section: str) -> list[list[str]]:
@@ -150,7 +159,7 @@ def test_the_reshard_and_master_weight_walk_throughs_run(tmp_path):
             assert command[0] == "mapper"
             args = [arg.replace("checkpoints", str(tmp_path / "checkpoints")).replace("hf-model-fp32/", f"{tmp_path}/hf32/")
                     for arg in command[1:]]
-            assert run_cli(*args) == 0, command
+            assert exit_code(*args) == 0, command
     with NeoXCheckpoint(tmp_path / "checkpoints-tp2") as back, NeoXCheckpoint(run.root) as original:
         assert back.tp == 2 and back.layout == "sequential"
         not_carried = set(original.manifest()) - set(back.manifest())  # the stale norm, as the README says

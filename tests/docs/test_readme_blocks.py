@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 
-from mapper.cli import main
+from mapper.testing.cli import run_cli
 
 ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
@@ -120,14 +120,10 @@ def te_checkpoint(tmp_path_factory):
     return write_neox_checkpoint(tensors, config, tmp_path_factory.mktemp("readme") / "checkpoints", tokenizer=True), config, tensors
 
 
-def mapper_cli(args: list[str], capsys) -> tuple[int, str]:
-    try:
-        main(args)
-        code = 0
-    except SystemExit as done:
-        code = int(done.code or 0)
-    captured = capsys.readouterr()
-    return code, captured.out + captured.err
+def mapper_cli(args: list[str]) -> tuple[int, str]:
+    """``mapper ARGS``' exit code and everything it printed."""
+    outcome = run_cli(args)
+    return outcome.code, outcome.stdout + outcome.stderr
 
 
 def _commands(block: Block) -> list[list[str]]:
@@ -180,7 +176,7 @@ def _numbers_loose(text: str) -> str:
 
 
 @pytest.mark.parametrize("block", RUNNABLE, ids=[f"line {b.line} {b.kind}" for b in RUNNABLE])
-def test_the_block_runs(block: Block, te_checkpoint, tmp_path: Path, monkeypatch, capsys):
+def test_the_block_runs(block: Block, te_checkpoint, tmp_path: Path, monkeypatch):
     checkpoint, config, tensors = te_checkpoint
     work = tmp_path / "work"
     work.mkdir()
@@ -199,7 +195,7 @@ def test_the_block_runs(block: Block, te_checkpoint, tmp_path: Path, monkeypatch
     if block.kind == "output":
         words = shlex.split(block.marker.split(":", 1)[1])
         assert words[0] == "mapper"
-        code, printed = mapper_cli(words[1:], capsys)
+        code, printed = mapper_cli(words[1:])
         assert code == 0, printed
         shown = _numbers_loose(printed)
         missing = [line for line in block.text.splitlines() if line.strip() and _numbers_loose(line) not in shown]
@@ -214,7 +210,7 @@ def test_the_block_runs(block: Block, te_checkpoint, tmp_path: Path, monkeypatch
         if words[0] == "python" and block.kind == "stand-in":
             _stand_in_dump(words, config, tensors)
             continue
-        code, printed = mapper_cli(words[1:], capsys)
+        code, printed = mapper_cli(words[1:])
         assert code == 0, f"{block}: `{' '.join(words)}` exited {code}:\n{printed}"
 
 

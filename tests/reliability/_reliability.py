@@ -11,13 +11,11 @@ import contextlib
 import io
 import json
 import os
-import re
 import shutil
 import struct
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -25,6 +23,7 @@ import torch
 from mapper import cli
 from mapper.errors import MapperError
 from mapper.testing import synthesize_variant, write_neox_checkpoint
+from mapper.testing.cli import Outcome, fresh_cli_state, run_cli  # noqa: F401 -- run_cli: for the tests
 
 MAPPER = Path(sys.executable).with_name("mapper")
 REPO = Path(__file__).resolve().parents[2]
@@ -34,48 +33,6 @@ Mutation = Callable[[Tensors], None]
 
 
 # --- running the command line -----------------------------------------------------------------
-@dataclass(frozen=True)
-class Outcome:
-    """What a user sees: the exit code and both streams."""
-
-    code: int
-    stdout: str
-    stderr: str
-    error: BaseException | None = None  # an exception main() let through (a bug)
-
-    @property
-    def error_lines(self) -> list[str]:
-        return [line for line in self.stderr.splitlines() if re.match(r"^(error|failed|internal error): ", line)]
-
-
-def _reset_cli_state() -> None:
-    # --debug / --quiet are sticky process-wide flags of the CLI; a user's process starts fresh.
-    cli.STATE.debug = False
-    cli.STATE.quiet = False
-
-
-def run_cli(args: Sequence[str | Path]) -> Outcome:
-    """``mapper ARGS`` in this process (fast); exit code and output as a user would see them.
-
-    ``main`` maps every error to its exit code (``--debug`` adds the traceback on stderr).
-    """
-    argv = [str(a) for a in args]
-    out, err = io.StringIO(), io.StringIO()
-    code = 0
-    error: BaseException | None = None
-    _reset_cli_state()
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            cli.main(argv)
-    except SystemExit as done:
-        code = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
-    except Exception as raised:  # noqa: BLE001 -- main() should never let one through
-        error, code = raised, 1
-    finally:
-        _reset_cli_state()
-    return Outcome(code, out.getvalue(), err.getvalue(), error)
-
-
 def run_cli_subprocess(
     args: Sequence[str | Path], *, env: dict[str, str] | None = None, timeout: float = 300
 ) -> Outcome:
@@ -89,14 +46,12 @@ def run_cli_subprocess(
 
 def raised_by(args: Sequence[str | Path]) -> BaseException:
     """The exception ``mapper ARGS`` raises inside (``mapper.cli.run`` lets it through)."""
-    _reset_cli_state()
-    try:
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            cli.run([str(a) for a in args])
-    except Exception as raised:  # noqa: BLE001 -- the test inspects it
-        return raised
-    finally:
-        _reset_cli_state()
+    with fresh_cli_state():
+        try:
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                cli.run([str(a) for a in args])
+        except Exception as raised:  # noqa: BLE001 -- the test inspects it
+            return raised
     raise AssertionError(f"mapper {' '.join(map(str, args))} did not fail")
 
 

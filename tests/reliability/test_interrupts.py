@@ -41,7 +41,9 @@ if os.environ.get("MAPPER_TEST_PAUSE_IN"):
         _write_group(self, index, tensors)
         if self.kind == os.environ["MAPPER_TEST_PAUSE_IN"]:
             self._worker.close() if self._worker is not None else None  # the staged file is on disk
-            Path(os.environ["MAPPER_TEST_PAUSED"]).write_text(str(self.staging))
+            paused = Path(os.environ["MAPPER_TEST_PAUSED"])
+            paused.with_suffix(".part").write_text(str(self.staging))
+            os.replace(paused.with_suffix(".part"), paused)  # the test never reads it half-written
             time.sleep(600)  # until the signal
 
     writing.StagedWriter.write_group = _pausing_write_group

@@ -96,7 +96,9 @@ if os.environ.get("MAPPER_TEST_STALL_IN_SHARD"):
             _shards.append(self.path)
         nth = _shards.index(self.path) + 1 if self.path in _shards else 0
         if nth == int(os.environ["MAPPER_TEST_STALL_IN_SHARD"]) and self.written > done:
-            Path(os.environ["MAPPER_TEST_STALLED"]).write_text(str(self.tmp))
+            stalled = Path(os.environ["MAPPER_TEST_STALLED"])
+            stalled.with_suffix(".part").write_text(str(self.tmp))
+            os.replace(stalled.with_suffix(".part"), stalled)  # the test never reads it half-written
             time.sleep(600)  # until SIGKILL
         return done
 

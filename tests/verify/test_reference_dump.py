@@ -144,19 +144,19 @@ def test_the_dump_is_the_scripts_format(tmp_path: Path) -> None:
 
 
 
-def test_cli_reference_report_and_script(tmp_path: Path, capsys) -> None:
+def test_cli_reference_report_and_script(tmp_path: Path) -> None:
     _, hf, config, tensors = converted(tmp_path, "llama-te", 1)
     dump = dump_of(tmp_path, tensors, config, hf)
-    code, out, _ = run_cli(capsys, "verify", "--reference", str(dump), str(hf), "--report", str(tmp_path / "r.html"))
+    code, out, _ = run_cli(["verify", "--reference", str(dump), str(hf), "--report", str(tmp_path / "r.html")])
     assert code == 0 and "verdict: OK" in out and "gpt-neox's own forward" in out
     page = (tmp_path / "r.html").read_text()
     assert page.startswith("<!DOCTYPE html>") and page.count("<svg") == 3 and "http" not in page.replace(
         'xmlns="http://www.w3.org/2000/svg"', "")
-    code, out, err = run_cli(capsys, "verify", "--reference", str(perturbed(dump, "blocks.1")), str(hf), "--json")
+    code, out, err = run_cli(["verify", "--reference", str(perturbed(dump, "blocks.1")), str(hf), "--json"])
     assert code == 1 and json.loads(out)["first_divergence"] == "blocks.1"
-    code, _, err = run_cli(capsys, "verify", "--reference", str(dump), str(tmp_path), str(hf))
+    code, _, err = run_cli(["verify", "--reference", str(dump), str(tmp_path), str(hf)])
     assert code == 2 and "usage: mapper verify --reference DUMP HF_FOLDER" in err
-    code, out, err = run_cli(capsys, "reference-script", "--ids", str(tmp_path / "ids.json"), "--for", str(hf))
+    code, out, err = run_cli(["reference-script", "--ids", str(tmp_path / "ids.json"), "--for", str(hf)])
     assert code == 0 and out == reference_script() and "mapper verify --reference" in err
     ids = json.loads((tmp_path / "ids.json").read_text())
     assert len(ids) == 2 and len(ids[0]) == 16 and max(max(r) for r in ids) < 104
